@@ -1,0 +1,50 @@
+# stockward: `make run` serves the demo catalogue, `make test` runs every check.
+# Both create the virtualenv and bring up Postgres when they need to.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+PYTEST_FLAGS ?=
+
+export STOCKWARD_DATABASE_URL ?= postgresql://postgres@127.0.0.1:5432/test
+
+.PHONY: run test lint types unit integration reliability proto services clean
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "stockward needs Python 3.11+"'
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+services: $(STAMP)
+	$(PY) -m server.devenv postgres
+
+run: services
+	$(PY) -m server --demo-catalogue
+
+proto: $(STAMP)
+	$(PY) proto/generate.py
+
+lint: $(STAMP)
+	$(PY) proto/generate.py --check
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+types: $(STAMP)
+	$(PY) -m mypy
+
+unit: $(STAMP)
+	$(PY) -m pytest $(PYTEST_FLAGS) tests/engine
+
+integration: services
+	$(PY) -m pytest $(PYTEST_FLAGS) tests --ignore=tests/engine -m "not reliability"
+
+reliability: services
+	$(PY) -m pytest $(PYTEST_FLAGS) tests -m reliability
+
+test: lint types unit integration reliability
+
+clean:
+	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
