@@ -1,0 +1,472 @@
+"""Commands the engine accepts, how they are checked, and what they answer.
+
+Every command is a frozen value. `validate` raises InvalidArgument naming the field in
+the contract's own terms (`lines[2].quantity`), so the gRPC edge can pass the path on in
+a google.rpc.ErrorInfo without translating it. Results serialise to JSON for the request
+log, which is how a retry after a restart gets the same answer.
+"""
+
+import dataclasses
+import enum
+import hashlib
+from typing import Any
+
+from server.engine.errors import InvalidArgument
+from server.engine.limits import Limits
+from server.engine.model import Reservation
+
+# Printable ASCII without spaces: ids travel through URLs, CSV exports and ERP fields.
+_ID_FIRST_CHAR = 0x21
+_ID_LAST_CHAR = 0x7E
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ReserveLine:
+    sku: str
+    quantity: int
+    location: str = ""
+    locations: tuple[str, ...] = ()
+    allow_split: bool = False
+
+    @property
+    def candidates(self) -> tuple[str, ...]:
+        return (self.location,) if self.location else self.locations
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Reserve:
+    request_id: str
+    channel: str
+    lines: tuple[ReserveLine, ...]
+    order_ref: str = ""
+    ttl_s: int = 0
+    allow_partial: bool = False
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LineQuantity:
+    sku: str
+    location: str
+    quantity: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Confirm:
+    request_id: str
+    reservation_id: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Release:
+    request_id: str
+    reservation_id: str
+    lines: tuple[LineQuantity, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Fulfill:
+    request_id: str
+    reservation_id: str
+    lines: tuple[LineQuantity, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Extend:
+    request_id: str
+    reservation_id: str
+    ttl_s: int
+
+
+class AdjustmentReason(enum.Enum):
+    RECEIPT = "receipt"
+    POS_SALE = "pos_sale"
+    COUNT_CORRECTION = "count_correction"
+    DAMAGE = "damage"
+    RETURN_TO_STOCK = "return_to_stock"
+    TRANSFER = "transfer"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Adjustment:
+    sku: str
+    location: str
+    delta: int
+    reason: AdjustmentReason | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AdjustStock:
+    source: str
+    source_event_id: str
+    adjustments: tuple[Adjustment, ...]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class OnHandCount:
+    sku: str
+    location: str
+    on_hand: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SetOnHand:
+    source: str
+    source_event_id: str
+    counts: tuple[OnHandCount, ...]
+
+
+ReservationCommand = Confirm | Release | Fulfill | Extend
+StockCommand = AdjustStock | SetOnHand
+Command = Reserve | ReservationCommand | StockCommand
+
+
+# Results ------------------------------------------------------------------------------
+
+
+class ShortReason(enum.Enum):
+    INSUFFICIENT_STOCK = "insufficient_stock"
+    UNKNOWN_SKU = "unknown_sku"
+    UNKNOWN_LOCATION = "unknown_location"
+    OTHER_LINE_SHORT = "other_line_short"
+
+
+class ReserveOutcome(enum.Enum):
+    RESERVED = "reserved"
+    PARTIALLY_RESERVED = "partially_reserved"
+    REJECTED = "rejected"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LineResult:
+    line_index: int
+    sku: str
+    quantity_requested: int
+    quantity_held: int
+    held_at: tuple[tuple[str, int], ...]
+    short_reason: ShortReason | None
+    quantity_available: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ReserveResult:
+    reservation_id: str
+    outcome: ReserveOutcome
+    lines: tuple[LineResult, ...]
+    expires_us: int
+    replayed: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "type": "reserve",
+            "id": self.reservation_id,
+            "outcome": self.outcome.value,
+            "expires_us": self.expires_us,
+            "lines": [
+                [
+                    line.line_index,
+                    line.sku,
+                    line.quantity_requested,
+                    line.quantity_held,
+                    [list(pair) for pair in line.held_at],
+                    line.short_reason.value if line.short_reason else None,
+                    line.quantity_available,
+                ]
+                for line in self.lines
+            ],
+        }
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ReservationResult:
+    """The reservation as it stands after a Confirm, Release, Fulfill or Extend."""
+
+    reservation: Reservation
+    replayed: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {"type": "reservation", "reservation": self.reservation.to_json()}
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PositionSnapshot:
+    sku: str
+    location: str
+    on_hand: int
+    held: int
+    available_to_sell: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StockResult:
+    positions: tuple[PositionSnapshot, ...]
+    replayed: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "type": "stock",
+            "positions": [dataclasses.astuple(p) for p in self.positions],
+        }
+
+
+Result = ReserveResult | ReservationResult | StockResult
+
+
+def result_from_json(body: dict[str, Any], *, replayed: bool) -> Result:
+    """Rebuild a stored answer; `replayed` marks it as the answer to a retry."""
+    if body["type"] == "reserve":
+        lines = tuple(
+            LineResult(
+                line_index=index,
+                sku=sku,
+                quantity_requested=requested,
+                quantity_held=held,
+                held_at=tuple((location, qty) for location, qty in held_at),
+                short_reason=ShortReason(reason) if reason else None,
+                quantity_available=available,
+            )
+            for index, sku, requested, held, held_at, reason, available in body["lines"]
+        )
+        return ReserveResult(
+            reservation_id=body["id"],
+            outcome=ReserveOutcome(body["outcome"]),
+            lines=lines,
+            expires_us=body["expires_us"],
+            replayed=replayed,
+        )
+    if body["type"] == "reservation":
+        reservation = Reservation.from_json(body["reservation"])
+        return ReservationResult(reservation=reservation, replayed=replayed)
+    if body["type"] == "stock":
+        positions = tuple(PositionSnapshot(*fields) for fields in body["positions"])
+        return StockResult(positions=positions, replayed=replayed)
+    raise ValueError(f"unknown stored result type {body['type']!r}")
+
+
+def fingerprint(command: Command) -> str:
+    """What a retry must repeat exactly: the command without its idempotency key.
+
+    The dataclass repr lists every field in declaration order, so it is stable across
+    processes and releases as long as the command's fields do not change.
+    """
+    if isinstance(command, StockCommand):
+        keyless: Command = dataclasses.replace(command, source_event_id="")
+    else:
+        keyless = dataclasses.replace(command, request_id="")
+    return hashlib.blake2b(repr(keyless).encode(), digest_size=16).hexdigest()
+
+
+# Validation ---------------------------------------------------------------------------
+
+
+def check_id(value: str, *, field: str, length_max: int, required: bool = True) -> None:
+    if not value:
+        if required:
+            raise InvalidArgument("FIELD_REQUIRED", f"{field} is required", field=field)
+        return
+    if len(value) > length_max:
+        raise InvalidArgument(
+            "FIELD_TOO_LONG",
+            f"{field} is {len(value)} characters; at most {length_max} are allowed",
+            field=field,
+        )
+    if not all(_ID_FIRST_CHAR <= ord(char) <= _ID_LAST_CHAR for char in value):
+        raise InvalidArgument(
+            "FIELD_MALFORMED",
+            f"{field} must be printable ASCII without spaces",
+            field=field,
+        )
+
+
+def check_quantity(value: int, *, field: str, quantity_max: int) -> None:
+    if not 0 < value <= quantity_max:
+        raise InvalidArgument(
+            "QUANTITY_OUT_OF_RANGE",
+            f"{field} is {value}; it must be from 1 to {quantity_max}",
+            field=field,
+        )
+
+
+def check_count(count: int, *, field: str, count_max: int) -> None:
+    if count == 0:
+        raise InvalidArgument(
+            "FIELD_REQUIRED", f"{field} must not be empty", field=field
+        )
+    if count > count_max:
+        raise InvalidArgument(
+            "TOO_MANY_ITEMS",
+            f"{field} has {count} items; at most {count_max} are allowed",
+            field=field,
+        )
+
+
+def check_ttl(ttl_s: int, *, field: str, limits: Limits, zero_ok: bool) -> None:
+    if ttl_s == 0 and zero_ok:
+        return
+    if not limits.ttl_min_s <= ttl_s <= limits.ttl_max_s:
+        raise InvalidArgument(
+            "TTL_OUT_OF_RANGE",
+            f"{field} is {ttl_s}; it must be from {limits.ttl_min_s} "
+            f"to {limits.ttl_max_s} seconds",
+            field=field,
+        )
+
+
+def validate_reserve(command: Reserve, limits: Limits) -> None:
+    check_id(
+        command.request_id, field="request_id", length_max=limits.request_id_length_max
+    )
+    check_id(command.channel, field="channel", length_max=limits.channel_length_max)
+    check_id(
+        command.order_ref,
+        field="order_ref",
+        length_max=limits.order_ref_length_max,
+        required=False,
+    )
+    check_ttl(command.ttl_s, field="ttl_seconds", limits=limits, zero_ok=True)
+    check_count(
+        len(command.lines), field="lines", count_max=limits.lines_per_reservation_max
+    )
+    for index, line in enumerate(command.lines):
+        validate_reserve_line(line, field=f"lines[{index}]", limits=limits)
+
+
+def validate_reserve_line(line: ReserveLine, *, field: str, limits: Limits) -> None:
+    check_id(line.sku, field=f"{field}.sku", length_max=limits.sku_length_max)
+    check_quantity(
+        line.quantity, field=f"{field}.quantity", quantity_max=limits.quantity_max
+    )
+    if line.location and line.locations:
+        raise InvalidArgument(
+            "LOCATION_AMBIGUOUS",
+            f"{field} sets both location and locations; set one",
+            field=f"{field}.location",
+        )
+    if not line.location and not line.locations:
+        raise InvalidArgument(
+            "FIELD_REQUIRED",
+            f"{field} needs a location or a locations preference list",
+            field=f"{field}.location",
+        )
+    if line.allow_split and not line.locations:
+        raise InvalidArgument(
+            "SPLIT_NEEDS_LOCATIONS",
+            f"{field}.allow_split needs a locations preference list",
+            field=f"{field}.allow_split",
+        )
+    if len(line.locations) > limits.locations_per_line_max:
+        raise InvalidArgument(
+            "TOO_MANY_ITEMS",
+            f"{field}.locations has {len(line.locations)} items; "
+            f"at most {limits.locations_per_line_max} are allowed",
+            field=f"{field}.locations",
+        )
+    for index, location in enumerate(line.candidates):
+        path = f"{field}.location" if line.location else f"{field}.locations[{index}]"
+        check_id(location, field=path, length_max=limits.location_length_max)
+    if len(set(line.candidates)) != len(line.candidates):
+        raise InvalidArgument(
+            "DUPLICATE_LOCATION",
+            f"{field}.locations names a location twice",
+            field=f"{field}.locations",
+        )
+
+
+def validate_reservation_command(command: ReservationCommand, limits: Limits) -> None:
+    check_id(
+        command.request_id, field="request_id", length_max=limits.request_id_length_max
+    )
+    check_id(
+        command.reservation_id,
+        field="reservation_id",
+        length_max=limits.reservation_id_length_max,
+    )
+    if isinstance(command, Extend):
+        check_ttl(command.ttl_s, field="ttl_seconds", limits=limits, zero_ok=False)
+    if isinstance(command, Release | Fulfill):
+        if len(command.lines) > limits.lines_per_reservation_max:
+            check_count(
+                len(command.lines),
+                field="lines",
+                count_max=limits.lines_per_reservation_max,
+            )
+        for index, line in enumerate(command.lines):
+            field = f"lines[{index}]"
+            check_id(line.sku, field=f"{field}.sku", length_max=limits.sku_length_max)
+            check_id(
+                line.location,
+                field=f"{field}.location",
+                length_max=limits.location_length_max,
+            )
+            check_quantity(
+                line.quantity,
+                field=f"{field}.quantity",
+                quantity_max=limits.quantity_max,
+            )
+
+
+def validate_stock_command(command: StockCommand, limits: Limits) -> None:
+    check_id(command.source, field="source", length_max=limits.source_length_max)
+    check_id(
+        command.source_event_id,
+        field="source_event_id",
+        length_max=limits.request_id_length_max,
+    )
+    if isinstance(command, AdjustStock):
+        _validate_adjustments(command, limits)
+    else:
+        _validate_counts(command, limits)
+
+
+def _validate_adjustments(command: AdjustStock, limits: Limits) -> None:
+    check_count(
+        len(command.adjustments),
+        field="adjustments",
+        count_max=limits.adjustments_per_request_max,
+    )
+    for index, adjustment in enumerate(command.adjustments):
+        field = f"adjustments[{index}]"
+        _check_position_ids(adjustment.sku, adjustment.location, field, limits)
+        if adjustment.delta == 0 or abs(adjustment.delta) > limits.on_hand_max:
+            raise InvalidArgument(
+                "DELTA_OUT_OF_RANGE",
+                f"{field}.delta is {adjustment.delta}; it must be non-zero and at most "
+                f"{limits.on_hand_max} either way",
+                field=f"{field}.delta",
+            )
+        if adjustment.reason is None:
+            raise InvalidArgument(
+                "FIELD_REQUIRED",
+                f"{field}.reason is required",
+                field=f"{field}.reason",
+            )
+
+
+def _validate_counts(command: SetOnHand, limits: Limits) -> None:
+    check_count(
+        len(command.counts),
+        field="counts",
+        count_max=limits.adjustments_per_request_max,
+    )
+    seen: set[tuple[str, str]] = set()
+    for index, count in enumerate(command.counts):
+        field = f"counts[{index}]"
+        _check_position_ids(count.sku, count.location, field, limits)
+        if not 0 <= count.on_hand <= limits.on_hand_max:
+            raise InvalidArgument(
+                "ON_HAND_OUT_OF_RANGE",
+                f"{field}.on_hand is {count.on_hand}; it must be from 0 "
+                f"to {limits.on_hand_max}",
+                field=f"{field}.on_hand",
+            )
+        if (count.sku, count.location) in seen:
+            raise InvalidArgument(
+                "DUPLICATE_POSITION",
+                f"{field} counts {count.sku}@{count.location} a second time",
+                field=field,
+            )
+        seen.add((count.sku, count.location))
+
+
+def _check_position_ids(sku: str, location: str, field: str, limits: Limits) -> None:
+    check_id(sku, field=f"{field}.sku", length_max=limits.sku_length_max)
+    check_id(location, field=f"{field}.location", length_max=limits.location_length_max)

@@ -1,0 +1,956 @@
+"""The reservation engine: decides every command synchronously, in memory.
+
+Design note. `decide` checks a command, looks up its idempotency key, changes state and
+returns a Decision: the answer, the write-ahead record and request-log row that must be
+durable before the answer is sent, and the availability gains that must wait for that.
+The caller (the ledger) writes those and calls `mark_durable` or, when the write failed,
+throws this engine away and recovers a new one from Postgres. Because deciding never
+awaits, a multi-line reservation across shards is atomic without locks.
+
+Holds count against available-to-sell from the moment they are decided; gains (release,
+expiry, receipts) are withheld until durable. So a write that fails can leave stock
+under-promised for a moment, never promised twice.
+"""
+
+import base64
+import binascii
+import dataclasses
+import secrets
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from server.clock import Clock
+from server.engine.commands import (
+    AdjustStock,
+    Command,
+    Confirm,
+    Extend,
+    Fulfill,
+    LineQuantity,
+    LineResult,
+    PositionSnapshot,
+    Release,
+    ReservationCommand,
+    ReservationResult,
+    Reserve,
+    ReserveLine,
+    ReserveOutcome,
+    ReserveResult,
+    Result,
+    SetOnHand,
+    ShortReason,
+    StockCommand,
+    StockResult,
+    check_count,
+    check_id,
+    fingerprint,
+    result_from_json,
+    validate_reservation_command,
+    validate_reserve,
+    validate_stock_command,
+)
+from server.engine.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ensure,
+)
+from server.engine.limits import Limits
+from server.engine.model import (
+    Position,
+    Reservation,
+    ReservationLine,
+    ReservationState,
+)
+from server.engine.shard import Shard, shard_of
+
+US_PER_S = 1_000_000
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class WalRecord:
+    """One commitment, as the write-ahead table stores it.
+
+    `body["fx"]` lists [sku, location, on_hand_delta, held_delta] per position touched;
+    `body["rsv"]`, when present, is the reservation as it stands after the record.
+    """
+
+    shard: int
+    seq: int
+    kind: str
+    reservation_id: str
+    body: dict[str, Any]
+    recorded_us: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RequestRow:
+    """An answered request, kept so that a retry gets the same answer."""
+
+    scope: str
+    request_id: str
+    fingerprint: str
+    result: dict[str, Any]
+    created_us: int
+
+
+@dataclasses.dataclass(slots=True)
+class Decision:
+    result: Result
+    shard: int
+    record: WalRecord | None
+    request: RequestRow | None
+    # Availability gains to make visible once durable.
+    gains: list[tuple[Position, int]]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Replay:
+    """The command was seen before. While its first answer is not durable yet the
+    caller must wait for it (`durable` False) before answering."""
+
+    result: Result
+    durable: bool
+    key: tuple[str, str]
+
+
+@dataclasses.dataclass(slots=True)
+class _Remembered:
+    fingerprint: str
+    result: Result
+    created_us: int
+    durable: bool
+
+
+@dataclasses.dataclass(slots=True)
+class _LinePlan:
+    takes: list[tuple[Position, int]]
+    short_reason: ShortReason | None
+    quantity_available: int
+
+    @property
+    def quantity(self) -> int:
+        return sum(quantity for _, quantity in self.takes)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class EngineStats:
+    reservations: int
+    active_reservations: int
+    positions: int
+    remembered_requests: int
+    undurable_requests: int
+
+
+def new_reservation_id() -> str:
+    return "r" + secrets.token_hex(12)
+
+
+class Engine:
+    def __init__(
+        self,
+        *,
+        shard_count: int,
+        clock: Clock,
+        limits: Limits | None = None,
+        idempotency_retention_s: int = 24 * 3600,
+        new_id: Callable[[], str] = new_reservation_id,
+    ) -> None:
+        assert shard_count > 0
+        self.limits = limits or Limits()
+        self.shards = [Shard(index) for index in range(shard_count)]
+        self.reservations: dict[str, Reservation] = {}
+        self.locations: set[str] = set()
+        self._clock = clock
+        self._retention_us = idempotency_retention_s * US_PER_S
+        self._new_id = new_id
+        self._remembered: dict[tuple[str, str], _Remembered] = {}
+        # Finished reservations in the order they finished, for pruning after retention.
+        self._finished: deque[tuple[int, str]] = deque()
+        self._undurable = 0
+        # Recovery bookkeeping: held per position as the records said, to compare with
+        # what the recovered reservations hold.
+        self._replayed_held: dict[tuple[str, str], int] = {}
+
+    # Commands ---------------------------------------------------------------------------
+
+    def decide(self, command: Command) -> Decision | Replay:
+        """Check and apply one command. Raises EngineError for refused commands."""
+        if isinstance(command, Reserve):
+            validate_reserve(command, self.limits)
+            key = ("ch:" + command.channel, command.request_id)
+            return self._replay(key, command) or self._reserve(command, key)
+        if isinstance(command, StockCommand):
+            validate_stock_command(command, self.limits)
+            key = ("src:" + command.source, command.source_event_id)
+            return self._replay(key, command) or self._stock(command, key)
+        validate_reservation_command(command, self.limits)
+        reservation = self._reservation(command.reservation_id)
+        key = ("ch:" + reservation.channel, command.request_id)
+        return self._replay(key, command) or self._change(command, reservation, key)
+
+    def mark_durable(self, decision: Decision) -> None:
+        """The decision's writes are committed: release its gains, trust its answer."""
+        for position, gain in decision.gains:
+            position.withheld -= gain
+            position.check()
+        if decision.request is not None:
+            request = decision.request
+            remembered = self._remembered[(request.scope, request.request_id)]
+            ensure(not remembered.durable, "a request was made durable twice")
+            remembered.durable = True
+            self._undurable -= 1
+
+    def expire_due(self, *, count_max: int) -> list[Decision]:
+        """Expire pending holds whose time has come, at most count_max of them."""
+        now_us = self._clock.now_us()
+        decisions: list[Decision] = []
+        for shard in self.shards:
+            while len(decisions) < count_max:
+                reservation_id = shard.pop_due(now_us)
+                if reservation_id is None:
+                    break
+                reservation = self.reservations.get(reservation_id)
+                if reservation is None or not self._is_due(reservation, now_us):
+                    continue
+                decisions.append(self._expire(reservation, now_us))
+        return decisions
+
+    def _is_due(self, reservation: Reservation, now_us: int) -> bool:
+        return (
+            reservation.state is ReservationState.PENDING
+            and 0 < reservation.expires_us <= now_us
+        )
+
+    # Reserve ----------------------------------------------------------------------------
+
+    def _reserve(self, command: Reserve, key: tuple[str, str]) -> Decision:
+        now_us = self._clock.now_us()
+        planned: dict[int, int] = {}
+        plans = [self._plan_line(line, planned) for line in command.lines]
+
+        is_short = any(plan.short_reason is not None for plan in plans)
+        if is_short and not command.allow_partial:
+            plans = [self._reject_plan(plan) for plan in plans]
+        if not any(plan.takes for plan in plans):
+            result = ReserveResult(
+                reservation_id="",
+                outcome=ReserveOutcome.REJECTED,
+                lines=self._line_results(command.lines, plans),
+                expires_us=0,
+            )
+            return self._answer(
+                key,
+                command,
+                result,
+                shard=shard_of(command.lines[0].sku, len(self.shards)),
+            )
+
+        ttl_s = command.ttl_s or self.limits.ttl_default_s
+        reservation = self._hold(command, plans, now_us=now_us, ttl_s=ttl_s)
+        result = ReserveResult(
+            reservation_id=reservation.reservation_id,
+            outcome=(
+                ReserveOutcome.PARTIALLY_RESERVED
+                if is_short
+                else ReserveOutcome.RESERVED
+            ),
+            lines=self._line_results(command.lines, plans),
+            expires_us=reservation.expires_us,
+        )
+        fx = [
+            [line.sku, line.location, 0, line.quantity_held]
+            for line in reservation.lines
+        ]
+        record = self._record(reservation, "reserve", fx, now_us)
+        return self._decision(key, command, result, record=record, gains=[])
+
+    def _plan_line(self, line: ReserveLine, planned: dict[int, int]) -> _LinePlan:
+        """Choose where one line is held; `planned` tracks what earlier lines took."""
+        shard = self.shards[shard_of(line.sku, len(self.shards))]
+        by_location = shard.positions.get(line.sku)
+        if not by_location:
+            return _LinePlan([], ShortReason.UNKNOWN_SKU, 0)
+        if not any(location in self.locations for location in line.candidates):
+            return _LinePlan([], ShortReason.UNKNOWN_LOCATION, 0)
+
+        offers: list[tuple[Position, int]] = []
+        for location in line.candidates:
+            position = by_location.get(location)
+            if position is not None:
+                free = position.available_to_sell - planned.get(id(position), 0)
+                offers.append((position, max(0, free)))
+
+        takes = self._choose(line, offers)
+        for position, quantity in takes:
+            planned[id(position)] = planned.get(id(position), 0) + quantity
+        taken = sum(quantity for _, quantity in takes)
+        if taken == line.quantity:
+            return _LinePlan(takes, None, taken)
+        if line.allow_split:
+            available = sum(free for _, free in offers)
+        else:
+            available = max((free for _, free in offers), default=0)
+        return _LinePlan(takes, ShortReason.INSUFFICIENT_STOCK, available)
+
+    @staticmethod
+    def _choose(
+        line: ReserveLine, offers: list[tuple[Position, int]]
+    ) -> list[tuple[Position, int]]:
+        """The first location that covers the line wins; else split, or the best
+        single location for a partial hold (dropped later if all-or-nothing)."""
+        for position, free in offers:
+            if free >= line.quantity:
+                return [(position, line.quantity)]
+        if line.allow_split:
+            takes: list[tuple[Position, int]] = []
+            wanted = line.quantity
+            for position, free in offers:
+                if free > 0 and wanted > 0:
+                    takes.append((position, min(free, wanted)))
+                    wanted -= min(free, wanted)
+            return takes
+        best = max(offers, key=lambda offer: offer[1], default=None)
+        return [best] if best is not None and best[1] > 0 else []
+
+    @staticmethod
+    def _reject_plan(plan: _LinePlan) -> _LinePlan:
+        if plan.short_reason is None:
+            return _LinePlan([], ShortReason.OTHER_LINE_SHORT, plan.quantity)
+        return _LinePlan([], plan.short_reason, plan.quantity_available)
+
+    @staticmethod
+    def _line_results(
+        lines: tuple[ReserveLine, ...], plans: list[_LinePlan]
+    ) -> tuple[LineResult, ...]:
+        return tuple(
+            LineResult(
+                line_index=index,
+                sku=line.sku,
+                quantity_requested=line.quantity,
+                quantity_held=plan.quantity,
+                held_at=tuple((p.location, quantity) for p, quantity in plan.takes),
+                short_reason=plan.short_reason,
+                quantity_available=plan.quantity_available,
+            )
+            for index, (line, plan) in enumerate(zip(lines, plans, strict=True))
+        )
+
+    def _hold(
+        self, command: Reserve, plans: list[_LinePlan], *, now_us: int, ttl_s: int
+    ) -> Reservation:
+        merged: dict[tuple[str, str], int] = {}
+        for plan in plans:
+            for position, quantity in plan.takes:
+                at = (position.sku, position.location)
+                merged[at] = merged.get(at, 0) + quantity
+                position.held += quantity
+                position.check()
+
+        first_sku = next(iter(merged))[0]
+        reservation = Reservation(
+            reservation_id=self._unused_id(),
+            channel=command.channel,
+            order_ref=command.order_ref,
+            state=ReservationState.PENDING,
+            lines=[
+                ReservationLine(sku, location, quantity, quantity)
+                for (sku, location), quantity in merged.items()
+            ],
+            created_us=now_us,
+            updated_us=now_us,
+            expires_us=now_us + ttl_s * US_PER_S,
+            home_shard=shard_of(first_sku, len(self.shards)),
+        )
+        reservation.check()
+        self.reservations[reservation.reservation_id] = reservation
+        home = self.shards[reservation.home_shard]
+        home.schedule_expiry(reservation.expires_us, reservation.reservation_id)
+        return reservation
+
+    def _unused_id(self) -> str:
+        reservation_id = self._new_id()
+        ensure(
+            reservation_id not in self.reservations, "reservation id generated twice"
+        )
+        return reservation_id
+
+    # Confirm, release, fulfil, extend, expire --------------------------------------------
+
+    def _reservation(self, reservation_id: str) -> Reservation:
+        reservation = self.reservations.get(reservation_id)
+        if reservation is None:
+            raise NotFound(
+                "RESERVATION_NOT_FOUND",
+                f"no reservation {reservation_id}",
+                field="reservation_id",
+            )
+        return reservation
+
+    def _change(
+        self,
+        command: ReservationCommand,
+        reservation: Reservation,
+        key: tuple[str, str],
+    ) -> Decision:
+        now_us = self._clock.now_us()
+        if self._is_due(reservation, now_us) and not isinstance(command, Release):
+            raise FailedPrecondition(
+                "RESERVATION_EXPIRED",
+                f"reservation {reservation.reservation_id} expired",
+                field="reservation_id",
+            )
+        if isinstance(command, Confirm):
+            return self._confirm(command, reservation, key, now_us)
+        if isinstance(command, Extend):
+            return self._extend(command, reservation, key, now_us)
+        return self._give_back(command, reservation, key, now_us)
+
+    def _confirm(
+        self,
+        command: Confirm,
+        reservation: Reservation,
+        key: tuple[str, str],
+        now_us: int,
+    ) -> Decision:
+        if reservation.state is ReservationState.CONFIRMED:
+            # Confirming twice is harmless; answer with the reservation as it stands.
+            result = ReservationResult(reservation.copy())
+            return self._answer(key, command, result, shard=reservation.home_shard)
+        reservation.move_to(ReservationState.CONFIRMED, now_us=now_us)
+        record = self._record(reservation, "confirm", [], now_us)
+        result = ReservationResult(reservation.copy())
+        return self._decision(key, command, result, record=record, gains=[])
+
+    def _extend(
+        self,
+        command: Extend,
+        reservation: Reservation,
+        key: tuple[str, str],
+        now_us: int,
+    ) -> Decision:
+        if reservation.state is not ReservationState.PENDING:
+            raise FailedPrecondition(
+                f"RESERVATION_{reservation.state.name}",
+                f"only a pending hold can be extended; {reservation.reservation_id} "
+                f"is {reservation.state.value}",
+                field="reservation_id",
+            )
+        expires_us = now_us + command.ttl_s * US_PER_S
+        if expires_us <= reservation.expires_us:
+            raise FailedPrecondition(
+                "EXTEND_WOULD_SHORTEN",
+                f"ttl_seconds={command.ttl_s} would not push the hold past its "
+                "current expiry",
+                field="ttl_seconds",
+            )
+        reservation.expires_us = expires_us
+        reservation.move_to(ReservationState.PENDING, now_us=now_us)
+        home = self.shards[reservation.home_shard]
+        home.schedule_expiry(expires_us, reservation.reservation_id)
+        record = self._record(reservation, "extend", [], now_us)
+        result = ReservationResult(reservation.copy())
+        return self._decision(key, command, result, record=record, gains=[])
+
+    def _give_back(
+        self,
+        command: Release | Fulfill,
+        reservation: Reservation,
+        key: tuple[str, str],
+        now_us: int,
+    ) -> Decision:
+        is_fulfil = isinstance(command, Fulfill)
+        if not reservation.is_active or (
+            is_fulfil and reservation.state is not ReservationState.CONFIRMED
+        ):
+            raise FailedPrecondition(
+                f"RESERVATION_{reservation.state.name}",
+                f"reservation {reservation.reservation_id} is "
+                f"{reservation.state.value}; it cannot be "
+                f"{'fulfilled (confirm it first)' if is_fulfil else 'released'}",
+                field="reservation_id",
+            )
+        amounts = self._amounts(command.lines, reservation)
+
+        fx: list[list[Any]] = []
+        gains: list[tuple[Position, int]] = []
+        for line, quantity in amounts:
+            position = self._position(line.sku, line.location)
+            line.quantity_held -= quantity
+            position.held -= quantity
+            if is_fulfil:
+                line.quantity_fulfilled += quantity
+                position.on_hand -= quantity
+                fx.append([line.sku, line.location, -quantity, -quantity])
+            else:
+                line.quantity_released += quantity
+                position.withheld += quantity
+                gains.append((position, quantity))
+                fx.append([line.sku, line.location, 0, -quantity])
+            position.check()
+
+        self._settle(reservation, now_us)
+        record = self._record(
+            reservation, "fulfill" if is_fulfil else "release", fx, now_us
+        )
+        result = ReservationResult(reservation.copy())
+        return self._decision(key, command, result, record=record, gains=gains)
+
+    def _amounts(
+        self, wanted: tuple[LineQuantity, ...], reservation: Reservation
+    ) -> list[tuple[ReservationLine, int]]:
+        """Map requested quantities onto the reservation's lines; empty means all."""
+        if not wanted:
+            return [
+                (line, line.quantity_held)
+                for line in reservation.lines
+                if line.quantity_held
+            ]
+        by_position = {(line.sku, line.location): line for line in reservation.lines}
+        totals: dict[tuple[str, str], int] = {}
+        for index, item in enumerate(wanted):
+            at = (item.sku, item.location)
+            if at not in by_position:
+                raise InvalidArgument(
+                    "LINE_NOT_IN_RESERVATION",
+                    f"reservation {reservation.reservation_id} holds nothing of "
+                    f"{item.sku} at {item.location}",
+                    field=f"lines[{index}]",
+                )
+            totals[at] = totals.get(at, 0) + item.quantity
+            if totals[at] > by_position[at].quantity_held:
+                raise FailedPrecondition(
+                    "QUANTITY_EXCEEDS_HELD",
+                    f"{totals[at]} of {item.sku} at {item.location} asked for; "
+                    f"{by_position[at].quantity_held} held",
+                    field=f"lines[{index}].quantity",
+                )
+        return [(by_position[at], quantity) for at, quantity in totals.items()]
+
+    def _settle(self, reservation: Reservation, now_us: int) -> None:
+        """After a release or fulfilment: finished once nothing is held."""
+        if reservation.quantity_held > 0:
+            reservation.move_to(reservation.state, now_us=now_us)
+            return
+        fulfilled = any(line.quantity_fulfilled for line in reservation.lines)
+        final = ReservationState.FULFILLED if fulfilled else ReservationState.RELEASED
+        reservation.move_to(final, now_us=now_us)
+        self._finished.append((now_us, reservation.reservation_id))
+
+    def _expire(self, reservation: Reservation, now_us: int) -> Decision:
+        fx: list[list[Any]] = []
+        gains: list[tuple[Position, int]] = []
+        for line in reservation.lines:
+            quantity = line.quantity_held
+            if quantity == 0:
+                continue
+            position = self._position(line.sku, line.location)
+            line.quantity_held = 0
+            line.quantity_released += quantity
+            position.held -= quantity
+            position.withheld += quantity
+            position.check()
+            gains.append((position, quantity))
+            fx.append([line.sku, line.location, 0, -quantity])
+        reservation.move_to(ReservationState.EXPIRED, now_us=now_us)
+        self._finished.append((now_us, reservation.reservation_id))
+        record = self._record(reservation, "expire", fx, now_us)
+        return Decision(
+            result=ReservationResult(reservation.copy()),
+            shard=record.shard,
+            record=record,
+            request=None,
+            gains=gains,
+        )
+
+    def _position(self, sku: str, location: str) -> Position:
+        position = self.shards[shard_of(sku, len(self.shards))].position(sku, location)
+        ensure(position is not None, f"a reservation holds unknown {sku}@{location}")
+        assert position is not None
+        return position
+
+    # Stock ------------------------------------------------------------------------------
+
+    def _stock(self, command: StockCommand, key: tuple[str, str]) -> Decision:
+        now_us = self._clock.now_us()
+        deltas = self._stock_deltas(command)
+
+        fx: list[list[Any]] = []
+        gains: list[tuple[Position, int]] = []
+        touched: list[Position] = []
+        for (sku, location), delta in deltas.items():
+            shard = self.shards[shard_of(sku, len(self.shards))]
+            position = shard.position_or_new(sku, location)
+            self.locations.add(location)
+            position.on_hand += delta
+            if delta > 0:
+                position.withheld += delta
+                gains.append((position, delta))
+            position.check()
+            touched.append(position)
+            # Zero deltas are recorded too: they make the position known after replay.
+            fx.append([sku, location, delta, 0])
+
+        home = shard_of(next(iter(deltas))[0], len(self.shards))
+        body: dict[str, Any] = {"fx": fx, "src": command.source}
+        if isinstance(command, AdjustStock):
+            body["reasons"] = [a.reason.value for a in command.adjustments if a.reason]
+        kind = "adjust" if isinstance(command, AdjustStock) else "set_on_hand"
+        record = self._stock_record(home, kind, body, now_us)
+        result = StockResult(tuple(self._snapshot(p, pending=gains) for p in touched))
+        return self._decision(key, command, result, record=record, gains=gains)
+
+    def _stock_deltas(self, command: StockCommand) -> dict[tuple[str, str], int]:
+        """Net on-hand change per position; refuses the whole command if any position
+        would leave [0, on_hand_max]."""
+        deltas: dict[tuple[str, str], int] = {}
+        if isinstance(command, SetOnHand):
+            for count in command.counts:
+                at = (count.sku, count.location)
+                deltas[at] = count.on_hand - self._on_hand(*at)
+            return deltas
+        for index, adjustment in enumerate(command.adjustments):
+            at = (adjustment.sku, adjustment.location)
+            deltas[at] = deltas.get(at, 0) + adjustment.delta
+            after = self._on_hand(*at) + deltas[at]
+            if after < 0:
+                raise FailedPrecondition(
+                    "ON_HAND_WOULD_GO_NEGATIVE",
+                    f"on-hand of {at[0]} at {at[1]} would become {after}",
+                    field=f"adjustments[{index}].delta",
+                )
+            if after > self.limits.on_hand_max:
+                raise FailedPrecondition(
+                    "ON_HAND_TOO_LARGE",
+                    f"on-hand of {at[0]} at {at[1]} would become {after}; "
+                    f"at most {self.limits.on_hand_max}",
+                    field=f"adjustments[{index}].delta",
+                )
+        return deltas
+
+    def _on_hand(self, sku: str, location: str) -> int:
+        position = self.shards[shard_of(sku, len(self.shards))].position(sku, location)
+        return position.on_hand if position else 0
+
+    @staticmethod
+    def _snapshot(
+        position: Position, *, pending: list[tuple[Position, int]]
+    ) -> PositionSnapshot:
+        """The position as it will stand once this command's writes are durable."""
+        gain = sum(quantity for p, quantity in pending if p is position)
+        return PositionSnapshot(
+            sku=position.sku,
+            location=position.location,
+            on_hand=position.on_hand,
+            held=position.held,
+            available_to_sell=max(
+                0, position.on_hand - position.held - position.withheld + gain
+            ),
+        )
+
+    # Idempotency and records ------------------------------------------------------------
+
+    def _replay(self, key: tuple[str, str], command: Command) -> Replay | None:
+        remembered = self._remembered.get(key)
+        if remembered is None:
+            return None
+        if remembered.fingerprint != fingerprint(command):
+            field = (
+                "source_event_id" if isinstance(command, StockCommand) else "request_id"
+            )
+            raise InvalidArgument(
+                "REQUEST_ID_REUSED",
+                f"{field} {key[1]!r} was already used for a different request",
+                field=field,
+            )
+        replayed = dataclasses.replace(remembered.result, replayed=True)
+        return Replay(result=replayed, durable=remembered.durable, key=key)
+
+    def _answer(
+        self, key: tuple[str, str], command: Command, result: Result, *, shard: int
+    ) -> Decision:
+        """A decision that changes nothing but must still be remembered durably."""
+        decision = self._decision(key, command, result, record=None, gains=[])
+        decision.shard = shard
+        return decision
+
+    def _decision(
+        self,
+        key: tuple[str, str],
+        command: Command,
+        result: Result,
+        *,
+        record: WalRecord | None,
+        gains: list[tuple[Position, int]],
+    ) -> Decision:
+        now_us = self._clock.now_us()
+        print_ = fingerprint(command)
+        self._remembered[key] = _Remembered(print_, result, now_us, durable=False)
+        self._undurable += 1
+        request = RequestRow(key[0], key[1], print_, result.to_json(), now_us)
+        shard = record.shard if record else 0
+        return Decision(result, shard, record, request, gains)
+
+    def _record(
+        self, reservation: Reservation, kind: str, fx: list[list[Any]], now_us: int
+    ) -> WalRecord:
+        shard = self.shards[reservation.home_shard]
+        return WalRecord(
+            shard=shard.index,
+            seq=shard.take_seq(),
+            kind=kind,
+            reservation_id=reservation.reservation_id,
+            body={"fx": fx, "rsv": reservation.to_json()},
+            recorded_us=now_us,
+        )
+
+    def _stock_record(
+        self, home: int, kind: str, body: dict[str, Any], now_us: int
+    ) -> WalRecord:
+        shard = self.shards[home]
+        return WalRecord(home, shard.take_seq(), kind, "", body, now_us)
+
+    # Reads ------------------------------------------------------------------------------
+
+    def get_reservation(self, reservation_id: str) -> Reservation:
+        check_id(
+            reservation_id,
+            field="reservation_id",
+            length_max=self.limits.reservation_id_length_max,
+        )
+        return self._reservation(reservation_id).copy()
+
+    def positions_of(self, sku: str) -> dict[str, Position]:
+        shard = self.shards[shard_of(sku, len(self.shards))]
+        return shard.positions.get(sku, {})
+
+    def check_availability_query(self, skus: list[str], locations: list[str]) -> None:
+        check_count(
+            len(skus),
+            field="skus",
+            count_max=self.limits.skus_per_availability_query_max,
+        )
+        for index, sku in enumerate(skus):
+            check_id(sku, field=f"skus[{index}]", length_max=self.limits.sku_length_max)
+        if len(locations) > self.limits.locations_per_line_max:
+            check_count(
+                len(locations),
+                field="locations",
+                count_max=self.limits.locations_per_line_max,
+            )
+        for index, location in enumerate(locations):
+            check_id(
+                location,
+                field=f"locations[{index}]",
+                length_max=self.limits.location_length_max,
+            )
+
+    def list_reservations(
+        self,
+        *,
+        channel: str,
+        state: ReservationState | None,
+        created_before_us: int,
+        page_size: int,
+        page_token: str,
+    ) -> tuple[list[Reservation], str]:
+        """One page, ordered by (created_us, reservation_id).
+
+        Known shortcoming: filters and sorts every reservation in memory on each call,
+        O(n log n) per page; fine for operators' pages, not for a hot path.
+        """
+        size = self._page_size(page_size)
+        after = _decode_page_token(page_token)
+        matches = sorted(
+
+                (r.created_us, r.reservation_id)
+                for r in self.reservations.values()
+                if (not channel or r.channel == channel)
+                and (state is None or r.state is state)
+                and (not created_before_us or r.created_us < created_before_us)
+                and (after is None or (r.created_us, r.reservation_id) > after)
+
+        )
+        page = [self.reservations[rid].copy() for _, rid in matches[:size]]
+        token = _encode_page_token(matches[size - 1]) if len(matches) > size else ""
+        return page, token
+
+    def _page_size(self, page_size: int) -> int:
+        if page_size == 0:
+            return self.limits.page_size_default
+        if not 0 < page_size <= self.limits.page_size_max:
+            raise InvalidArgument(
+                "PAGE_SIZE_OUT_OF_RANGE",
+                f"page_size is {page_size}; it must be from 1 to "
+                f"{self.limits.page_size_max}",
+                field="page_size",
+            )
+        return page_size
+
+    def stats(self) -> EngineStats:
+        active = sum(1 for r in self.reservations.values() if r.is_active)
+        positions = sum(
+            len(s) for shard in self.shards for s in shard.positions.values()
+        )
+        return EngineStats(
+            reservations=len(self.reservations),
+            active_reservations=active,
+            positions=positions,
+            remembered_requests=len(self._remembered),
+            undurable_requests=self._undurable,
+        )
+
+    def iter_positions(self) -> Iterator[Position]:
+        for shard in self.shards:
+            for by_location in shard.positions.values():
+                yield from by_location.values()
+
+    # Retention --------------------------------------------------------------------------
+
+    def prune(self) -> int:
+        """Forget answered requests and finished reservations past retention."""
+        horizon_us = self._clock.now_us() - self._retention_us
+        forgotten = 0
+        while self._remembered:
+            key, remembered = next(iter(self._remembered.items()))
+            if remembered.created_us > horizon_us or not remembered.durable:
+                break
+            del self._remembered[key]
+            forgotten += 1
+        while self._finished and self._finished[0][0] <= horizon_us:
+            _, reservation_id = self._finished.popleft()
+            reservation = self.reservations.get(reservation_id)
+            if reservation is not None and not reservation.is_active:
+                del self.reservations[reservation_id]
+                forgotten += 1
+        return forgotten
+
+    # Checkpoint and recovery -------------------------------------------------------------
+
+    def checkpoint_rows(
+        self,
+    ) -> tuple[list[tuple[str, str, int, int]], list[dict[str, Any]], list[int]]:
+        """State to checkpoint: positions, reservations and the last seq per shard.
+
+        Only meaningful when nothing is in flight: every decided record durable, so no
+        gain is withheld and the sequences cover exactly the state shown.
+        """
+        ensure(self._undurable == 0, "checkpoint taken with writes in flight")
+        positions = []
+        for position in self.iter_positions():
+            ensure(position.withheld == 0, "checkpoint taken with gains withheld")
+            positions.append(
+                (position.sku, position.location, position.on_hand, position.held)
+            )
+        reservations = [r.to_json() for r in self.reservations.values()]
+        seqs = [shard.next_seq - 1 for shard in self.shards]
+        return positions, reservations, seqs
+
+    def restore_position(
+        self, sku: str, location: str, on_hand: int, held: int
+    ) -> None:
+        shard = self.shards[shard_of(sku, len(self.shards))]
+        position = shard.position_or_new(sku, location)
+        position.on_hand = on_hand
+        self._replayed_held[(sku, location)] = held
+        self.locations.add(location)
+
+    def restore_reservation(self, body: dict[str, Any]) -> None:
+        reservation = Reservation.from_json(body)
+        self.reservations[reservation.reservation_id] = reservation
+
+    def restore_seq(self, shard: int, last_seq: int) -> None:
+        self.shards[shard].next_seq = last_seq + 1
+
+    def replay_record(self, shard: int, seq: int, body: dict[str, Any]) -> None:
+        """Apply one committed record on top of the checkpoint, in shard order."""
+        ensure(
+            seq == self.shards[shard].next_seq,
+            f"shard {shard} replays seq {seq}, expected {self.shards[shard].next_seq}",
+        )
+        self.shards[shard].next_seq = seq + 1
+        for sku, location, on_hand_delta, held_delta in body["fx"]:
+            position = self.shards[shard_of(sku, len(self.shards))].position_or_new(
+                sku, location
+            )
+            position.on_hand += on_hand_delta
+            at = (sku, location)
+            self._replayed_held[at] = self._replayed_held.get(at, 0) + held_delta
+            self.locations.add(location)
+        if "rsv" in body:
+            self.restore_reservation(body["rsv"])
+
+    def restore_request(
+        self,
+        *,
+        scope: str,
+        request_id: str,
+        fingerprint_: str,
+        result: dict[str, Any],
+        created_us: int,
+    ) -> None:
+        self._remembered[(scope, request_id)] = _Remembered(
+            fingerprint_, result_from_json(result, replayed=False), created_us, True
+        )
+
+    def finish_recovery(self) -> None:
+        """Derive held from the reservations, check it against the records, and rebuild
+        the expiry schedule; the same invariants as before every write."""
+        derived: dict[tuple[str, str], int] = {}
+        ordered = sorted(self.reservations.values(), key=lambda r: r.updated_us)
+        for reservation in ordered:
+            reservation.check()
+            if reservation.is_active:
+                for line in reservation.lines:
+                    at = (line.sku, line.location)
+                    derived[at] = derived.get(at, 0) + line.quantity_held
+            else:
+                self._finished.append(
+                    (reservation.updated_us, reservation.reservation_id)
+                )
+            if reservation.state is ReservationState.PENDING:
+                home = self.shards[reservation.home_shard]
+                home.schedule_expiry(reservation.expires_us, reservation.reservation_id)
+
+        for position in self.iter_positions():
+            at = (position.sku, position.location)
+            position.held = derived.pop(at, 0)
+            position.withheld = 0
+            position.check()
+            ensure(
+                position.held == self._replayed_held.get(at, 0),
+                f"recovered held {position.held} at {at} disagrees with the records' "
+                f"{self._replayed_held.get(at, 0)}",
+            )
+        ensure(not derived, f"reservations hold unknown positions: {sorted(derived)}")
+        self._replayed_held.clear()
+
+
+def _encode_page_token(after: tuple[int, str]) -> str:
+    return base64.urlsafe_b64encode(f"{after[0]}:{after[1]}".encode()).decode()
+
+
+def _decode_page_token(token: str) -> tuple[int, str] | None:
+    if not token:
+        return None
+    try:
+        created, _, reservation_id = (
+            base64.urlsafe_b64decode(token).decode().partition(":")
+        )
+        return int(created), reservation_id
+    except (ValueError, binascii.Error, UnicodeDecodeError) as error:
+        raise InvalidArgument(
+            "PAGE_TOKEN_INVALID",
+            "page_token was not issued by this server",
+            field="page_token",
+        ) from error
+
+
+def positions_total(positions: Iterable[Position]) -> tuple[int, int, int]:
+    on_hand = held = available = 0
+    for position in positions:
+        on_hand += position.on_hand
+        held += position.held
+        available += position.available_to_sell
+    return on_hand, held, available
