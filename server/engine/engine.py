@@ -763,14 +763,12 @@ class Engine:
         size = self._page_size(page_size)
         after = _decode_page_token(page_token)
         matches = sorted(
-
-                (r.created_us, r.reservation_id)
-                for r in self.reservations.values()
-                if (not channel or r.channel == channel)
-                and (state is None or r.state is state)
-                and (not created_before_us or r.created_us < created_before_us)
-                and (after is None or (r.created_us, r.reservation_id) > after)
-
+            (r.created_us, r.reservation_id)
+            for r in self.reservations.values()
+            if (not channel or r.channel == channel)
+            and (state is None or r.state is state)
+            and (not created_before_us or r.created_us < created_before_us)
+            and (after is None or (r.created_us, r.reservation_id) > after)
         )
         page = [self.reservations[rid].copy() for _, rid in matches[:size]]
         token = _encode_page_token(matches[size - 1]) if len(matches) > size else ""

@@ -1,0 +1,1 @@
+"""The gRPC edge: converts protos to engine commands and engine outcomes to protos."""

@@ -1,0 +1,210 @@
+"""Protos to engine commands and engine results to protos, field by field.
+
+Nothing is validated here: the engine checks every command and names the field at
+fault in the contract's own terms, so there is one place where input is judged.
+"""
+
+from collections.abc import Iterable
+
+from google.protobuf import timestamp_pb2
+from stockward.v1 import admin_pb2, inventory_pb2, types_pb2
+
+from server.engine import commands as cmd
+from server.engine.model import Reservation, ReservationState
+
+_STATE_TO_PROTO = {
+    ReservationState.PENDING: types_pb2.RESERVATION_STATE_PENDING,
+    ReservationState.CONFIRMED: types_pb2.RESERVATION_STATE_CONFIRMED,
+    ReservationState.FULFILLED: types_pb2.RESERVATION_STATE_FULFILLED,
+    ReservationState.RELEASED: types_pb2.RESERVATION_STATE_RELEASED,
+    ReservationState.EXPIRED: types_pb2.RESERVATION_STATE_EXPIRED,
+}
+STATE_FROM_PROTO = {proto: state for state, proto in _STATE_TO_PROTO.items()}
+
+_OUTCOME_TO_PROTO = {
+    cmd.ReserveOutcome.RESERVED: inventory_pb2.RESERVE_OUTCOME_RESERVED,
+    cmd.ReserveOutcome.PARTIALLY_RESERVED: inventory_pb2.RESERVE_OUTCOME_PARTIALLY_RESERVED,
+    cmd.ReserveOutcome.REJECTED: inventory_pb2.RESERVE_OUTCOME_REJECTED,
+}
+
+_SHORT_TO_PROTO = {
+    cmd.ShortReason.INSUFFICIENT_STOCK: inventory_pb2.SHORT_REASON_INSUFFICIENT_STOCK,
+    cmd.ShortReason.UNKNOWN_SKU: inventory_pb2.SHORT_REASON_UNKNOWN_SKU,
+    cmd.ShortReason.UNKNOWN_LOCATION: inventory_pb2.SHORT_REASON_UNKNOWN_LOCATION,
+    cmd.ShortReason.OTHER_LINE_SHORT: inventory_pb2.SHORT_REASON_OTHER_LINE_SHORT,
+}
+
+_REASON_FROM_PROTO = {
+    admin_pb2.ADJUSTMENT_REASON_RECEIPT: cmd.AdjustmentReason.RECEIPT,
+    admin_pb2.ADJUSTMENT_REASON_POS_SALE: cmd.AdjustmentReason.POS_SALE,
+    admin_pb2.ADJUSTMENT_REASON_COUNT_CORRECTION: cmd.AdjustmentReason.COUNT_CORRECTION,
+    admin_pb2.ADJUSTMENT_REASON_DAMAGE: cmd.AdjustmentReason.DAMAGE,
+    admin_pb2.ADJUSTMENT_REASON_RETURN_TO_STOCK: cmd.AdjustmentReason.RETURN_TO_STOCK,
+    admin_pb2.ADJUSTMENT_REASON_TRANSFER: cmd.AdjustmentReason.TRANSFER,
+}
+
+
+def timestamp(us: int) -> timestamp_pb2.Timestamp:
+    stamp = timestamp_pb2.Timestamp()
+    stamp.FromMicroseconds(us)
+    return stamp
+
+
+# Requests -----------------------------------------------------------------------------
+
+
+def reserve(request: inventory_pb2.ReserveRequest) -> cmd.Reserve:
+    return cmd.Reserve(
+        request_id=request.request_id,
+        channel=request.channel,
+        order_ref=request.order_ref,
+        lines=tuple(
+            cmd.ReserveLine(
+                sku=line.sku,
+                quantity=line.quantity,
+                location=line.location,
+                locations=tuple(line.locations),
+                allow_split=line.allow_split,
+            )
+            for line in request.lines
+        ),
+        ttl_s=request.ttl_seconds,
+        allow_partial=request.allow_partial,
+    )
+
+
+def confirm(request: inventory_pb2.ConfirmRequest) -> cmd.Confirm:
+    return cmd.Confirm(
+        request_id=request.request_id, reservation_id=request.reservation_id
+    )
+
+
+def _line_quantities(
+    lines: Iterable[types_pb2.LineQuantity],
+) -> tuple[cmd.LineQuantity, ...]:
+    return tuple(
+        cmd.LineQuantity(sku=line.sku, location=line.location, quantity=line.quantity)
+        for line in lines
+    )
+
+
+def release(request: inventory_pb2.ReleaseRequest) -> cmd.Release:
+    return cmd.Release(
+        request_id=request.request_id,
+        reservation_id=request.reservation_id,
+        lines=_line_quantities(request.lines),
+    )
+
+
+def fulfill(request: inventory_pb2.FulfillRequest) -> cmd.Fulfill:
+    return cmd.Fulfill(
+        request_id=request.request_id,
+        reservation_id=request.reservation_id,
+        lines=_line_quantities(request.lines),
+    )
+
+
+def extend(request: inventory_pb2.ExtendRequest) -> cmd.Extend:
+    return cmd.Extend(
+        request_id=request.request_id,
+        reservation_id=request.reservation_id,
+        ttl_s=request.ttl_seconds,
+    )
+
+
+def adjust_stock(request: admin_pb2.AdjustStockRequest) -> cmd.AdjustStock:
+    return cmd.AdjustStock(
+        source=request.source,
+        source_event_id=request.source_event_id,
+        adjustments=tuple(
+            cmd.Adjustment(
+                sku=item.sku,
+                location=item.location,
+                delta=item.delta,
+                reason=_REASON_FROM_PROTO.get(item.reason),
+            )
+            for item in request.adjustments
+        ),
+    )
+
+
+def set_on_hand(request: admin_pb2.SetOnHandRequest) -> cmd.SetOnHand:
+    return cmd.SetOnHand(
+        source=request.source,
+        source_event_id=request.source_event_id,
+        counts=tuple(
+            cmd.OnHandCount(sku=item.sku, location=item.location, on_hand=item.on_hand)
+            for item in request.counts
+        ),
+    )
+
+
+# Results ------------------------------------------------------------------------------
+
+
+def reservation(value: Reservation) -> types_pb2.Reservation:
+    message = types_pb2.Reservation(
+        reservation_id=value.reservation_id,
+        channel=value.channel,
+        order_ref=value.order_ref,
+        state=_STATE_TO_PROTO[value.state],
+        lines=[
+            types_pb2.ReservationLine(
+                sku=line.sku,
+                location=line.location,
+                quantity_reserved=line.quantity_reserved,
+                quantity_held=line.quantity_held,
+                quantity_fulfilled=line.quantity_fulfilled,
+                quantity_released=line.quantity_released,
+            )
+            for line in value.lines
+        ],
+        created_at=timestamp(value.created_us),
+        updated_at=timestamp(value.updated_us),
+    )
+    if value.expires_us:
+        message.expires_at.CopyFrom(timestamp(value.expires_us))
+    return message
+
+
+def reserve_response(result: cmd.ReserveResult) -> inventory_pb2.ReserveResponse:
+    response = inventory_pb2.ReserveResponse(
+        reservation_id=result.reservation_id,
+        outcome=_OUTCOME_TO_PROTO[result.outcome],
+        replayed=result.replayed,
+        lines=[
+            inventory_pb2.ReserveLineResult(
+                line_index=line.line_index,
+                sku=line.sku,
+                quantity_requested=line.quantity_requested,
+                quantity_held=line.quantity_held,
+                held_at=[
+                    inventory_pb2.LocationQuantity(location=location, quantity=quantity)
+                    for location, quantity in line.held_at
+                ],
+                short_reason=(
+                    _SHORT_TO_PROTO[line.short_reason]
+                    if line.short_reason
+                    else inventory_pb2.SHORT_REASON_UNSPECIFIED
+                ),
+                quantity_available=line.quantity_available,
+            )
+            for line in result.lines
+        ],
+    )
+    if result.expires_us:
+        response.expires_at.CopyFrom(timestamp(result.expires_us))
+    return response
+
+
+def positions(result: cmd.StockResult) -> list[admin_pb2.PositionSnapshot]:
+    return [
+        admin_pb2.PositionSnapshot(
+            sku=p.sku,
+            location=p.location,
+            on_hand=p.on_hand,
+            held=p.held,
+            available_to_sell=p.available_to_sell,
+        )
+        for p in result.positions
+    ]

@@ -1,0 +1,307 @@
+"""InventoryService and StockAdminService over the ledger."""
+
+import contextvars
+import functools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeAlias, TypeVar
+
+from stockward.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    inventory_pb2,
+    inventory_pb2_grpc,
+)
+
+from server.api import convert
+from server.api.errors import abort, internal_status, status_of
+from server.clock import Clock
+from server.engine import commands as cmd
+from server.engine.commands import check_count, check_id
+from server.engine.engine import positions_total
+from server.engine.errors import EngineError, InvalidArgument, InvariantBroken
+from server.ledger import Ledger
+
+log = logging.getLogger(__name__)
+
+# The RPC being served, for log lines deeper down.
+current_rpc: contextvars.ContextVar[str] = contextvars.ContextVar("rpc", default="")
+
+Request = TypeVar("Request")
+Response = TypeVar("Response")
+# grpc ships no type stubs, so its context is Any to mypy either way.
+Context: TypeAlias = Any
+Handler = Callable[[Any, Request, Context], Awaitable[Response]]
+
+
+def guarded(handler: Handler[Request, Response]) -> Handler[Request, Response]:
+    """Map engine errors to statuses; stop the process on a broken invariant."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: Any, request: Request, context: Context) -> Response:
+        current_rpc.set(handler.__name__)
+        try:
+            return await handler(self, request, context)
+        except EngineError as error:
+            log.debug("rpc refused: rpc=%s reason=%s", handler.__name__, error.reason)
+            await abort(context, status_of(error))
+        except InvariantBroken as error:
+            log.critical("invariant broken: rpc=%s error=%s", handler.__name__, error)
+            self.on_invariant_broken(error)
+            await abort(context, internal_status("INVARIANT_BROKEN", str(error)))
+        raise AssertionError("abort() returns only by raising")
+
+    return wrapper
+
+
+class InventoryService(inventory_pb2_grpc.InventoryServiceServicer):
+    def __init__(
+        self,
+        *,
+        ledger: Ledger,
+        clock: Clock,
+        on_invariant_broken: Callable[[BaseException], None],
+    ) -> None:
+        self._ledger = ledger
+        self._clock = clock
+        self.on_invariant_broken = on_invariant_broken
+
+    async def _reservation_result(self, command: cmd.Command) -> cmd.ReservationResult:
+        result = await self._ledger.execute(command)
+        assert isinstance(result, cmd.ReservationResult)
+        return result
+
+    @guarded
+    async def Reserve(
+        self, request: inventory_pb2.ReserveRequest, context: Context
+    ) -> inventory_pb2.ReserveResponse:
+        result = await self._ledger.execute(convert.reserve(request))
+        assert isinstance(result, cmd.ReserveResult)
+        return convert.reserve_response(result)
+
+    @guarded
+    async def Confirm(
+        self, request: inventory_pb2.ConfirmRequest, context: Context
+    ) -> inventory_pb2.ConfirmResponse:
+        result = await self._reservation_result(convert.confirm(request))
+        return inventory_pb2.ConfirmResponse(
+            reservation=convert.reservation(result.reservation),
+            replayed=result.replayed,
+        )
+
+    @guarded
+    async def Release(
+        self, request: inventory_pb2.ReleaseRequest, context: Context
+    ) -> inventory_pb2.ReleaseResponse:
+        result = await self._reservation_result(convert.release(request))
+        return inventory_pb2.ReleaseResponse(
+            reservation=convert.reservation(result.reservation),
+            replayed=result.replayed,
+        )
+
+    @guarded
+    async def Fulfill(
+        self, request: inventory_pb2.FulfillRequest, context: Context
+    ) -> inventory_pb2.FulfillResponse:
+        result = await self._reservation_result(convert.fulfill(request))
+        return inventory_pb2.FulfillResponse(
+            reservation=convert.reservation(result.reservation),
+            replayed=result.replayed,
+        )
+
+    @guarded
+    async def Extend(
+        self, request: inventory_pb2.ExtendRequest, context: Context
+    ) -> inventory_pb2.ExtendResponse:
+        result = await self._reservation_result(convert.extend(request))
+        return inventory_pb2.ExtendResponse(
+            reservation=convert.reservation(result.reservation),
+            replayed=result.replayed,
+        )
+
+    @guarded
+    async def GetReservation(
+        self, request: inventory_pb2.GetReservationRequest, context: Context
+    ) -> inventory_pb2.GetReservationResponse:
+        reservation = self._ledger.engine.get_reservation(request.reservation_id)
+        return inventory_pb2.GetReservationResponse(
+            reservation=convert.reservation(reservation)
+        )
+
+    @guarded
+    async def ListReservations(
+        self, request: inventory_pb2.ListReservationsRequest, context: Context
+    ) -> inventory_pb2.ListReservationsResponse:
+        engine = self._ledger.engine
+        check_id(
+            request.channel,
+            field="channel",
+            length_max=engine.limits.channel_length_max,
+            required=False,
+        )
+        state = None
+        if request.state:
+            state = convert.STATE_FROM_PROTO.get(request.state)
+            if state is None:
+                raise InvalidArgument(
+                    "STATE_UNKNOWN",
+                    f"state {request.state} is not known",
+                    field="state",
+                )
+        created_before_us = 0
+        if request.HasField("created_before"):
+            created_before_us = request.created_before.ToMicroseconds()
+        page, token = engine.list_reservations(
+            channel=request.channel,
+            state=state,
+            created_before_us=created_before_us,
+            page_size=request.page_size,
+            page_token=request.page_token,
+        )
+        return inventory_pb2.ListReservationsResponse(
+            reservations=[convert.reservation(r) for r in page], next_page_token=token
+        )
+
+    @guarded
+    async def GetAvailability(
+        self, request: inventory_pb2.GetAvailabilityRequest, context: Context
+    ) -> inventory_pb2.GetAvailabilityResponse:
+        engine = self._ledger.engine
+        engine.check_availability_query(list(request.skus), list(request.locations))
+        check_id(
+            request.channel,
+            field="channel",
+            length_max=engine.limits.channel_length_max,
+            required=False,
+        )
+        wanted = set(request.locations)
+        items = []
+        for sku in request.skus:
+            by_location = engine.positions_of(sku)
+            chosen = [
+                p
+                for loc, p in sorted(by_location.items())
+                if not wanted or loc in wanted
+            ]
+            on_hand, held, available = positions_total(chosen)
+            items.append(
+                inventory_pb2.SkuAvailability(
+                    sku=sku,
+                    known=bool(by_location),
+                    total=inventory_pb2.Availability(
+                        on_hand=on_hand, held=held, available_to_sell=available
+                    ),
+                    locations=[
+                        inventory_pb2.LocationAvailability(
+                            location=p.location,
+                            availability=inventory_pb2.Availability(
+                                on_hand=p.on_hand,
+                                held=p.held,
+                                available_to_sell=p.available_to_sell,
+                            ),
+                        )
+                        for p in chosen
+                    ],
+                )
+            )
+        return inventory_pb2.GetAvailabilityResponse(
+            skus=items, as_of=convert.timestamp(self._clock.now_us())
+        )
+
+    @guarded
+    async def ExecuteBatch(
+        self, request: inventory_pb2.ExecuteBatchRequest, context: Context
+    ) -> inventory_pb2.ExecuteBatchResponse:
+        limits = self._ledger.engine.limits
+        check_count(
+            len(request.commands),
+            field="commands",
+            count_max=limits.commands_per_batch_max,
+        )
+        kinds = [item.WhichOneof("command") for item in request.commands]
+        commands = [
+            _batch_command(item, index) for index, item in enumerate(request.commands)
+        ]
+        runnable = [c for c in commands if not isinstance(c, EngineError)]
+        outcomes = iter(await self._ledger.execute_batch(runnable))
+        results = []
+        for kind, command in zip(kinds, commands, strict=True):
+            outcome = command if isinstance(command, EngineError) else next(outcomes)
+            results.append(_batch_result(kind, outcome))
+        return inventory_pb2.ExecuteBatchResponse(results=results)
+
+
+def _batch_command(
+    item: inventory_pb2.Command, index: int
+) -> cmd.Command | EngineError:
+    kind = item.WhichOneof("command")
+    if kind == "reserve":
+        return convert.reserve(item.reserve)
+    if kind == "confirm":
+        return convert.confirm(item.confirm)
+    if kind == "release":
+        return convert.release(item.release)
+    if kind == "fulfill":
+        return convert.fulfill(item.fulfill)
+    if kind == "extend":
+        return convert.extend(item.extend)
+    return InvalidArgument(
+        "FIELD_REQUIRED",
+        f"commands[{index}] sets no command",
+        field=f"commands[{index}].command",
+    )
+
+
+_RESERVATION_RESPONSES = {
+    "confirm": inventory_pb2.ConfirmResponse,
+    "release": inventory_pb2.ReleaseResponse,
+    "fulfill": inventory_pb2.FulfillResponse,
+    "extend": inventory_pb2.ExtendResponse,
+}
+
+
+def _batch_result(
+    kind: str | None, outcome: cmd.Result | EngineError
+) -> inventory_pb2.CommandResult:
+    if isinstance(outcome, EngineError):
+        return inventory_pb2.CommandResult(error=status_of(outcome))
+    if isinstance(outcome, cmd.ReserveResult):
+        return inventory_pb2.CommandResult(reserve=convert.reserve_response(outcome))
+    assert isinstance(outcome, cmd.ReservationResult) and kind in _RESERVATION_RESPONSES
+    response = _RESERVATION_RESPONSES[kind](
+        reservation=convert.reservation(outcome.reservation), replayed=outcome.replayed
+    )
+    result = inventory_pb2.CommandResult()
+    getattr(result, kind).CopyFrom(response)
+    return result
+
+
+class StockAdminService(admin_pb2_grpc.StockAdminServiceServicer):
+    def __init__(
+        self, *, ledger: Ledger, on_invariant_broken: Callable[[BaseException], None]
+    ) -> None:
+        self._ledger = ledger
+        self.on_invariant_broken = on_invariant_broken
+
+    async def _stock(self, command: cmd.StockCommand) -> cmd.StockResult:
+        result = await self._ledger.execute(command)
+        assert isinstance(result, cmd.StockResult)
+        return result
+
+    @guarded
+    async def AdjustStock(
+        self, request: admin_pb2.AdjustStockRequest, context: Context
+    ) -> admin_pb2.AdjustStockResponse:
+        result = await self._stock(convert.adjust_stock(request))
+        return admin_pb2.AdjustStockResponse(
+            positions=convert.positions(result), replayed=result.replayed
+        )
+
+    @guarded
+    async def SetOnHand(
+        self, request: admin_pb2.SetOnHandRequest, context: Context
+    ) -> admin_pb2.SetOnHandResponse:
+        result = await self._stock(convert.set_on_hand(request))
+        return admin_pb2.SetOnHandResponse(
+            positions=convert.positions(result), replayed=result.replayed
+        )

@@ -1,0 +1,96 @@
+"""Server configuration: one frozen dataclass, read from flags and environment in one
+place. Flags win over STOCKWARD_* environment variables, which win over defaults."""
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Sequence
+
+DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    # Postgres holding the write-ahead log.
+    database_url: str = DEFAULT_DATABASE_URL
+    # Postgres schema holding stockward's tables; one database can host several
+    # independent servers (tests give each its own).
+    database_schema: str = "stockward"
+    # host:port to serve gRPC on; loopback unless told otherwise.
+    listen: str = "127.0.0.1:50051"
+    # Write-ahead streams and engine partitions. Fixed per database (see schema.py).
+    shards: int = 4
+    # Decisions per transaction: 1,000 keeps one COPY well under a megabyte and a
+    # commit near a few milliseconds on a laptop SSD.
+    batch_entries_max: int = 1_000
+    # Decisions queued per shard before new requests get RESOURCE_EXHAUSTED: about one
+    # second of the durable rate, so a stall shows as overload, not as memory growth.
+    queue_entries_max: int = 20_000
+    # A transaction slower than this is treated as failed and the engine recovers.
+    commit_timeout_s: float = 10.0
+    # How long answers stay replayable for a retry with the same request id.
+    idempotency_retention_s: int = 24 * 3600
+    # Pending holds get this TTL when the request says 0.
+    ttl_default_s: int = 900
+    # Expiry sweep period and the most holds expired per sweep (bounds one loop turn).
+    expiry_tick_s: float = 0.2
+    expiry_batch_max: int = 5_000
+    # A checkpoint every so often, once enough records have accumulated since the last.
+    checkpoint_interval_s: float = 60.0
+    checkpoint_records_min: int = 10_000
+    # gRPC concurrency: more concurrent RPCs than this are refused RESOURCE_EXHAUSTED.
+    max_concurrent_rpcs: int = 2_000
+    # SIGTERM: in-flight requests get this long to finish.
+    shutdown_grace_s: float = 10.0
+    # Connections: one per shard writer plus reads, checkpoints and health checks.
+    pool_extra_connections: int = 3
+    # Every call to Postgres that is not a commit gets this long.
+    database_timeout_s: float = 5.0
+    # Seed a small demo catalogue at start (make run).
+    demo_catalogue: bool = False
+    # Run even when Postgres could lose acknowledged commits (fsync or
+    # synchronous_commit off). For throwaway benchmarks only.
+    unsafe_allow_lossy_postgres: bool = False
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get("STOCKWARD_" + name.upper(), default)
+
+
+def from_args(argv: Sequence[str] | None = None) -> Config:
+    defaults = Config()
+    parser = argparse.ArgumentParser(
+        prog="stockward-server", description="stockward reservation server"
+    )
+    for field in dataclasses.fields(Config):
+        flag = "--" + field.name.replace("_", "-")
+        default = getattr(defaults, field.name)
+        if isinstance(default, bool):
+            env_value = _env(field.name, "1" if default else "0")
+            parser.add_argument(
+                flag,
+                action=argparse.BooleanOptionalAction,
+                default=env_value.lower() in {"1", "true", "yes", "on"},
+            )
+            continue
+        kind = type(default)
+        parser.add_argument(
+            flag, type=kind, default=kind(_env(field.name, str(default)))
+        )
+    namespace = parser.parse_args(argv)
+    values = {f.name: getattr(namespace, f.name) for f in dataclasses.fields(Config)}
+    config = Config(**values)
+    validate(config)
+    return config
+
+
+def validate(config: Config) -> None:
+    if not config.database_schema.isidentifier():
+        raise SystemExit("--database-schema must be a plain identifier")
+    if config.shards < 1 or config.shards > 1024:
+        raise SystemExit("--shards must be from 1 to 1024")
+    if (
+        config.batch_entries_max < 1
+        or config.queue_entries_max < config.batch_entries_max
+    ):
+        raise SystemExit("--queue-entries-max must be at least --batch-entries-max")

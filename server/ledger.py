@@ -1,0 +1,358 @@
+"""The ledger: the engine plus its write-ahead log, answering only what is durable.
+
+Design note. `execute` decides a command in the engine and hands the decision to its
+shard's writer without awaiting in between, so queue order is seq order. It answers
+once the writer reports the batch committed. A retry of a request whose first answer is
+still being written waits for that write instead of deciding twice.
+
+When a write fails the in-memory state may no longer match Postgres (the commit may or
+may not have happened). The ledger then stops taking commands (UNAVAILABLE, health
+NOT_SERVING), lets every writer finish or fail what it has, and recovers a fresh engine
+from Postgres, retrying until Postgres answers.
+"""
+
+import asyncio
+import contextlib
+import dataclasses
+import enum
+import logging
+from collections.abc import Callable, Sequence
+
+import asyncpg
+
+from server.clock import Clock
+from server.config import Config
+from server.engine.commands import Command, Result
+from server.engine.engine import Decision, Engine, Replay
+from server.engine.errors import EngineError, Overloaded, Unavailable
+from server.engine.limits import Limits
+from server.wal.checkpoint import store_checkpoint
+from server.wal.recovery import recover
+from server.wal.schema import check_durability, ensure_schema
+from server.wal.writer import ShardWriter, WriterStats
+
+log = logging.getLogger(__name__)
+
+# Recovery retries while Postgres is down: first wait, and the cap of the doubling.
+_RECOVERY_RETRY_FIRST_S = 0.2
+_RECOVERY_RETRY_MAX_S = 5.0
+
+
+class LedgerState(enum.Enum):
+    STARTING = "starting"
+    SERVING = "serving"
+    RECOVERING = "recovering"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LedgerStats:
+    state: LedgerState
+    recoveries: int
+    checkpoints: int
+    records_since_checkpoint: int
+    writers: tuple[WriterStats, ...]
+
+
+class Ledger:
+    def __init__(
+        self,
+        *,
+        config: Config,
+        pool: asyncpg.Pool,
+        clock: Clock,
+        on_state: Callable[[LedgerState], None] = lambda _: None,
+    ) -> None:
+        self._config = config
+        self._pool = pool
+        self._clock = clock
+        self._on_state = on_state
+        self._limits = Limits(ttl_default_s=config.ttl_default_s)
+        self._engine: Engine | None = None
+        self._writers: list[ShardWriter] = []
+        self._writer_tasks: list[asyncio.Task[None]] = []
+        self._inflight: dict[tuple[str, str], asyncio.Future[None]] = {}
+        self._gate = asyncio.Event()
+        self._gate.set()
+        self._state = LedgerState.STARTING
+        self._recovery_task: asyncio.Task[None] | None = None
+        self._loops: list[asyncio.Task[None]] = []
+        self._recoveries = 0
+        self._checkpoints = 0
+        self._records_at_checkpoint = 0
+
+    # Lifecycle --------------------------------------------------------------------------
+
+    @property
+    def state(self) -> LedgerState:
+        return self._state
+
+    @property
+    def engine(self) -> Engine:
+        if self._engine is None:
+            raise Unavailable("NOT_SERVING", "the server is starting; retry shortly")
+        return self._engine
+
+    async def start(self) -> None:
+        async with self._pool.acquire() as conn:
+            await check_durability(
+                conn, allow_unsafe=self._config.unsafe_allow_lossy_postgres
+            )
+            await ensure_schema(conn, shard_count=self._config.shards)
+        await self._recover_once()
+        self._loops = [
+            asyncio.create_task(self._expiry_loop(), name="expiry"),
+            asyncio.create_task(self._checkpoint_loop(), name="checkpoint"),
+        ]
+
+    async def stop(self) -> None:
+        """Take no more commands, write what is queued, checkpoint, stop."""
+        self._set_state(LedgerState.STOPPING)
+        for task in self._loops:
+            task.cancel()
+        if self._recovery_task is not None:
+            self._recovery_task.cancel()
+        for task in [*self._loops, *filter(None, [self._recovery_task])]:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for writer in self._writers:
+            await writer.close()
+        if self._engine is not None and not any(
+            w.stats().failed for w in self._writers
+        ):
+            with contextlib.suppress(asyncpg.PostgresError, OSError, TimeoutError):
+                await self._store_checkpoint()
+        for task in self._writer_tasks:
+            task.cancel()
+        self._set_state(LedgerState.STOPPED)
+
+    def _set_state(self, state: LedgerState) -> None:
+        if state is not self._state:
+            log.info("ledger state: from=%s to=%s", self._state.value, state.value)
+            self._state = state
+            self._on_state(state)
+
+    # Commands ---------------------------------------------------------------------------
+
+    async def execute(self, command: Command) -> Result:
+        await self._wait_for_gate()
+        self._check_serving()
+        if not any(writer.has_room for writer in self._writers):
+            raise Overloaded(
+                "QUEUE_FULL", "every write-ahead queue is full; retry later"
+            )
+
+        outcome = self.engine.decide(command)
+        if isinstance(outcome, Replay):
+            if not outcome.durable:
+                first = self._inflight.get(outcome.key)
+                if first is not None:
+                    await asyncio.shield(first)
+            return outcome.result
+        await self._write(outcome)
+        return outcome.result
+
+    async def execute_batch(
+        self, commands: Sequence[Command]
+    ) -> list[Result | EngineError]:
+        """Independent commands decided back to back, written together."""
+        await self._wait_for_gate()
+        self._check_serving()
+        outcomes: list[Decision | Replay | EngineError] = []
+        for command in commands:
+            try:
+                outcomes.append(self.engine.decide(command))
+            except EngineError as error:
+                outcomes.append(error)
+        waits = [self._settle(outcome) for outcome in outcomes]
+        return list(await asyncio.gather(*waits))
+
+    async def _settle(
+        self, outcome: Decision | Replay | EngineError
+    ) -> Result | EngineError:
+        if isinstance(outcome, EngineError):
+            return outcome
+        try:
+            if isinstance(outcome, Replay):
+                first = self._inflight.get(outcome.key)
+                if not outcome.durable and first is not None:
+                    await asyncio.shield(first)
+                return outcome.result
+            await self._write(outcome)
+            return outcome.result
+        except EngineError as error:
+            return error
+
+    async def _write(self, decision: Decision) -> None:
+        writer = self._writers[decision.shard]
+        future = writer.submit(decision)
+        key = None
+        if decision.request is not None:
+            key = (decision.request.scope, decision.request.request_id)
+            self._inflight[key] = future
+        try:
+            await asyncio.shield(future)
+        finally:
+            if key is not None and self._inflight.get(key) is future:
+                del self._inflight[key]
+
+    async def _wait_for_gate(self) -> None:
+        if not self._gate.is_set():
+            await self._gate.wait()
+
+    def _check_serving(self) -> None:
+        if self._state is not LedgerState.SERVING:
+            raise Unavailable(
+                "NOT_SERVING", f"the server is {self._state.value}; retry shortly"
+            )
+
+    # Expiry -----------------------------------------------------------------------------
+
+    async def sweep_expired(self) -> int:
+        """Expire due holds now; returns how many. The expiry loop calls this each tick."""
+        if self._state is not LedgerState.SERVING:
+            return 0
+        decisions = self.engine.expire_due(count_max=self._config.expiry_batch_max)
+        results = await asyncio.gather(
+            *(self._write(decision) for decision in decisions), return_exceptions=True
+        )
+        failed = [r for r in results if isinstance(r, BaseException)]
+        if failed:
+            log.warning("expiry write failed: holds=%d", len(failed))
+        return len(decisions) - len(failed)
+
+    async def _expiry_loop(self) -> None:
+        while True:
+            await self._clock.sleep(self._config.expiry_tick_s)
+            try:
+                await self.sweep_expired()
+                self.engine.prune()
+            except EngineError as error:
+                log.warning("expiry sweep skipped: reason=%s", error.reason)
+
+    # Checkpoints ------------------------------------------------------------------------
+
+    async def checkpoint(self) -> int:
+        """Pause decisions, wait for every write, snapshot, resume, then store it.
+
+        Known shortcoming: the snapshot is taken on the event loop, so decisions pause
+        for about a microsecond per position and reservation (about a second per
+        million active holds).
+        """
+        self._check_serving()
+        self._gate.clear()
+        try:
+            for writer in self._writers:
+                await writer.drain()
+            self._check_serving()
+            positions, reservations, seqs = self.engine.checkpoint_rows()
+        finally:
+            self._gate.set()
+        async with self._pool.acquire() as conn:
+            checkpoint_id = await store_checkpoint(
+                conn,
+                positions=positions,
+                reservations=reservations,
+                shard_seqs=seqs,
+                created_us=self._clock.now_us(),
+            )
+        self._checkpoints += 1
+        self._records_at_checkpoint = sum(seqs)
+        return checkpoint_id
+
+    async def _store_checkpoint(self) -> None:
+        if self._state in {LedgerState.SERVING, LedgerState.STOPPING}:
+            positions, reservations, seqs = self.engine.checkpoint_rows()
+            async with self._pool.acquire() as conn:
+                await store_checkpoint(
+                    conn,
+                    positions=positions,
+                    reservations=reservations,
+                    shard_seqs=seqs,
+                    created_us=self._clock.now_us(),
+                )
+
+    def _records_since_checkpoint(self) -> int:
+        if self._engine is None:
+            return 0
+        total = sum(shard.next_seq - 1 for shard in self._engine.shards)
+        return total - self._records_at_checkpoint
+
+    async def _checkpoint_loop(self) -> None:
+        while True:
+            await self._clock.sleep(self._config.checkpoint_interval_s)
+            if self._records_since_checkpoint() < self._config.checkpoint_records_min:
+                continue
+            try:
+                await self.checkpoint()
+            except (EngineError, asyncpg.PostgresError, OSError, TimeoutError) as error:
+                log.warning("checkpoint skipped: error=%r", error)
+
+    # Recovery ---------------------------------------------------------------------------
+
+    def _on_write_failure(self, error: BaseException) -> None:
+        if self._state is not LedgerState.SERVING:
+            return
+        self._set_state(LedgerState.RECOVERING)
+        for writer in self._writers:
+            writer.abort("another shard's write failed; recovering")
+        self._recovery_task = asyncio.create_task(self._recover_until_done())
+
+    async def _recover_until_done(self) -> None:
+        delay_s = _RECOVERY_RETRY_FIRST_S
+        while True:
+            try:
+                await self._recover_once()
+                return
+            except (asyncpg.PostgresError, OSError, TimeoutError) as error:
+                log.error("recovery failed: retry_s=%.1f error=%r", delay_s, error)
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, _RECOVERY_RETRY_MAX_S)
+
+    async def _recover_once(self) -> None:
+        self._set_state(LedgerState.RECOVERING)
+        for writer in self._writers:
+            await writer.drain()
+        for task in self._writer_tasks:
+            task.cancel()
+        async with asyncio.timeout(max(60.0, self._config.database_timeout_s)):
+            async with self._pool.acquire() as conn:
+                engine = await recover(
+                    conn,
+                    shard_count=self._config.shards,
+                    clock=self._clock,
+                    limits=self._limits,
+                    idempotency_retention_s=self._config.idempotency_retention_s,
+                )
+        self._engine = engine
+        self._inflight.clear()
+        self._writers = [
+            ShardWriter(
+                shard=shard.index,
+                last_seq=shard.next_seq - 1,
+                pool=self._pool,
+                on_durable=engine.mark_durable,
+                on_failure=self._on_write_failure,
+                batch_entries_max=self._config.batch_entries_max,
+                queue_entries_max=self._config.queue_entries_max,
+                commit_timeout_s=self._config.commit_timeout_s,
+            )
+            for shard in engine.shards
+        ]
+        self._writer_tasks = [
+            asyncio.create_task(w.run(), name=f"wal-writer-{w.shard}")
+            for w in self._writers
+        ]
+        self._records_at_checkpoint = sum(shard.next_seq - 1 for shard in engine.shards)
+        self._recoveries += 1
+        self._set_state(LedgerState.SERVING)
+
+    def stats(self) -> LedgerStats:
+        return LedgerStats(
+            state=self._state,
+            recoveries=self._recoveries,
+            checkpoints=self._checkpoints,
+            records_since_checkpoint=self._records_since_checkpoint(),
+            writers=tuple(w.stats() for w in self._writers),
+        )

@@ -1,0 +1,1 @@
+"""The write-ahead log in Postgres: schema, group-commit writers, checkpoints, recovery."""

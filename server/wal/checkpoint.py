@@ -1,0 +1,54 @@
+"""Checkpoints: the engine's state as of one seq per shard, so recovery replays little.
+
+The ledger takes the rows while no write is in flight (see Engine.checkpoint_rows); this
+module only stores them. A checkpoint counts once its row says complete, and older
+checkpoints are dropped in the same transaction. Records are kept: the ERP bridge reads
+them.
+"""
+
+import json
+import logging
+import time
+
+import asyncpg
+
+log = logging.getLogger(__name__)
+
+
+async def store_checkpoint(
+    conn: asyncpg.Connection,
+    *,
+    positions: list[tuple[str, str, int, int]],
+    reservations: list[dict[str, object]],
+    shard_seqs: list[int],
+    created_us: int,
+) -> int:
+    started = time.perf_counter()
+    async with conn.transaction():
+        checkpoint_id: int = await conn.fetchval(
+            "INSERT INTO checkpoints (created_us, shard_seqs) VALUES ($1, $2) RETURNING id",
+            created_us,
+            shard_seqs,
+        )
+        await conn.copy_records_to_table(
+            "checkpoint_positions",
+            records=[(checkpoint_id, *row) for row in positions],
+            columns=("checkpoint_id", "sku", "location", "on_hand", "held"),
+        )
+        await conn.copy_records_to_table(
+            "checkpoint_reservations",
+            records=[(checkpoint_id, json.dumps(body)) for body in reservations],
+            columns=("checkpoint_id", "body"),
+        )
+        await conn.execute(
+            "UPDATE checkpoints SET complete = true WHERE id = $1", checkpoint_id
+        )
+        await conn.execute("DELETE FROM checkpoints WHERE id < $1", checkpoint_id)
+    log.info(
+        "checkpoint stored: id=%d positions=%d reservations=%d ms=%.0f",
+        checkpoint_id,
+        len(positions),
+        len(reservations),
+        (time.perf_counter() - started) * 1000,
+    )
+    return checkpoint_id

@@ -1,0 +1,110 @@
+"""Tables of the write-ahead log, and the durability settings the server insists on.
+
+wal_records holds every commitment, one stream per shard, in commit order: a shard has
+one writer, which starts a transaction only after the previous one committed, so a
+record with a higher seq is never visible before a lower one. request_log keeps the
+answer to every mutating request for idempotent replay. A checkpoint is the state as of
+a seq per shard; recovery loads the newest complete one and replays the records after it.
+"""
+
+import logging
+
+import asyncpg
+
+from server.engine.errors import ensure
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = "1"
+
+DDL = """
+CREATE TABLE IF NOT EXISTS stockward_meta (
+    key text PRIMARY KEY,
+    value text NOT NULL
+);
+CREATE TABLE IF NOT EXISTS wal_records (
+    shard smallint NOT NULL,
+    seq bigint NOT NULL,
+    kind text NOT NULL,
+    reservation_id text NOT NULL,
+    body jsonb NOT NULL,
+    recorded_us bigint NOT NULL,
+    committed_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (shard, seq)
+);
+CREATE TABLE IF NOT EXISTS request_log (
+    scope text NOT NULL,
+    request_id text NOT NULL,
+    fingerprint text NOT NULL,
+    result jsonb NOT NULL,
+    created_us bigint NOT NULL,
+    PRIMARY KEY (scope, request_id)
+);
+CREATE INDEX IF NOT EXISTS request_log_created_us ON request_log (created_us);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    id bigserial PRIMARY KEY,
+    created_us bigint NOT NULL,
+    shard_seqs bigint[] NOT NULL,
+    complete boolean NOT NULL DEFAULT false
+);
+CREATE TABLE IF NOT EXISTS checkpoint_positions (
+    checkpoint_id bigint NOT NULL REFERENCES checkpoints (id) ON DELETE CASCADE,
+    sku text NOT NULL,
+    location text NOT NULL,
+    on_hand bigint NOT NULL,
+    held bigint NOT NULL
+);
+CREATE INDEX IF NOT EXISTS checkpoint_positions_id ON checkpoint_positions (checkpoint_id);
+CREATE TABLE IF NOT EXISTS checkpoint_reservations (
+    checkpoint_id bigint NOT NULL REFERENCES checkpoints (id) ON DELETE CASCADE,
+    body jsonb NOT NULL
+);
+CREATE INDEX IF NOT EXISTS checkpoint_reservations_id
+    ON checkpoint_reservations (checkpoint_id);
+"""
+
+# Serialises schema creation when several servers or tests start at once.
+_SCHEMA_LOCK_KEY = 0x5704_C3A4D
+
+
+class UnsafeDatabase(Exception):
+    """Postgres would acknowledge commits it could still lose."""
+
+
+async def check_durability(conn: asyncpg.Connection, *, allow_unsafe: bool) -> None:
+    fsync = await conn.fetchval("SHOW fsync")
+    synchronous_commit = await conn.fetchval("SHOW synchronous_commit")
+    if fsync == "on" and synchronous_commit != "off":
+        return
+    message = (
+        f"postgres has fsync={fsync} synchronous_commit={synchronous_commit}: "
+        "an acknowledged reservation could be lost in a crash"
+    )
+    if not allow_unsafe:
+        raise UnsafeDatabase(
+            message + "; pass --unsafe-allow-lossy-postgres to run anyway"
+        )
+    log.warning("durability off: %s", message)
+
+
+async def ensure_schema(conn: asyncpg.Connection, *, shard_count: int) -> None:
+    """Create the tables if missing and pin the shard count the records were made with."""
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _SCHEMA_LOCK_KEY)
+        await conn.execute(DDL)
+        await conn.execute(
+            "INSERT INTO stockward_meta (key, value) VALUES ('schema_version', $1), "
+            "('shard_count', $2) ON CONFLICT (key) DO NOTHING",
+            SCHEMA_VERSION,
+            str(shard_count),
+        )
+        stored = await conn.fetchval(
+            "SELECT value FROM stockward_meta WHERE key = 'shard_count'"
+        )
+    ensure(stored is not None, "stockward_meta lost its shard_count")
+    if int(stored) != shard_count:
+        # Moving skus between shards needs a migration that rewrites the streams.
+        raise UnsafeDatabase(
+            f"the database was written with {stored} shards; this server runs "
+            f"{shard_count}. Start it with --shards {stored}."
+        )
