@@ -32,7 +32,9 @@ def include_dirs() -> list[Path]:
 
 
 def generate(out_dir: Path) -> None:
-    sources = sorted(str(p.relative_to(PROTO_ROOT)) for p in CONTRACT_DIR.glob("*.proto"))
+    sources = sorted(
+        str(p.relative_to(PROTO_ROOT)) for p in CONTRACT_DIR.glob("*.proto")
+    )
     args = ["protoc", *(f"-I{d}" for d in include_dirs())]
     for flag in ("python_out", "grpc_python_out", "mypy_out", "mypy_grpc_out"):
         args.append(f"--{flag}={out_dir}")
@@ -45,17 +47,23 @@ def generate(out_dir: Path) -> None:
 
 def stale_files(scratch: Path) -> list[str]:
     fresh = {p.name for p in (scratch / "stockward" / "v1").iterdir()}
-    committed = {p.name for p in CONTRACT_DIR.iterdir() if p.name.endswith(GENERATED_SUFFIXES)}
+    committed = {
+        p.name for p in CONTRACT_DIR.iterdir() if p.name.endswith(GENERATED_SUFFIXES)
+    }
     stale = sorted(fresh ^ committed)
     for name in sorted(fresh & committed):
-        if not filecmp.cmp(scratch / "stockward" / "v1" / name, CONTRACT_DIR / name, shallow=False):
+        if not filecmp.cmp(
+            scratch / "stockward" / "v1" / name, CONTRACT_DIR / name, shallow=False
+        ):
             stale.append(name)
     return stale
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--check", action="store_true", help="fail if generated code is stale")
+    parser.add_argument(
+        "--check", action="store_true", help="fail if generated code is stale"
+    )
     if not parser.parse_args().check:
         generate(PROTO_ROOT)
         return
