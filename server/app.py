@@ -10,13 +10,13 @@ import asyncpg
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from stockward.v1 import admin_pb2, admin_pb2_grpc, inventory_pb2, inventory_pb2_grpc
 
 from server.api.inventory import InventoryService, StockAdminService
 from server.clock import Clock, SystemClock
 from server.config import Config
 from server.engine.commands import OnHandCount, SetOnHand
 from server.ledger import Ledger, LedgerState
+from stockward.v1 import admin_pb2, admin_pb2_grpc, inventory_pb2, inventory_pb2_grpc
 
 log = logging.getLogger(__name__)
 

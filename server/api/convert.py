@@ -7,10 +7,10 @@ fault in the contract's own terms, so there is one place where input is judged.
 from collections.abc import Iterable
 
 from google.protobuf import timestamp_pb2
-from stockward.v1 import admin_pb2, inventory_pb2, types_pb2
 
 from server.engine import commands as cmd
 from server.engine.model import Reservation, ReservationState
+from stockward.v1 import admin_pb2, inventory_pb2, types_pb2
 
 _STATE_TO_PROTO = {
     ReservationState.PENDING: types_pb2.RESERVATION_STATE_PENDING,

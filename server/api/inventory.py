@@ -6,13 +6,6 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeAlias, TypeVar
 
-from stockward.v1 import (
-    admin_pb2,
-    admin_pb2_grpc,
-    inventory_pb2,
-    inventory_pb2_grpc,
-)
-
 from server.api import convert
 from server.api.errors import abort, internal_status, status_of
 from server.clock import Clock
@@ -21,6 +14,12 @@ from server.engine.commands import check_count, check_id
 from server.engine.engine import positions_total
 from server.engine.errors import EngineError, InvalidArgument, InvariantBroken
 from server.ledger import Ledger
+from stockward.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    inventory_pb2,
+    inventory_pb2_grpc,
+)
 
 log = logging.getLogger(__name__)
 
