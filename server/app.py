@@ -16,6 +16,7 @@ from server.clock import Clock, SystemClock
 from server.config import Config
 from server.engine.commands import OnHandCount, SetOnHand
 from server.ledger import Ledger, LedgerState
+from server.wal.schema import DATABASE_ERRORS
 from stockward.v1 import admin_pb2, admin_pb2_grpc, inventory_pb2, inventory_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,7 @@ class App:
                     init=self._init_connection,
                 )
                 return pool
-            except (OSError, asyncpg.PostgresError, TimeoutError) as error:
+            except DATABASE_ERRORS as error:
                 if asyncio.get_running_loop().time() > deadline:
                     raise
                 log.warning("postgres unreachable: retry_s=1 error=%r", error)

@@ -28,7 +28,7 @@ from server.engine.errors import EngineError, Overloaded, Unavailable
 from server.engine.limits import Limits
 from server.wal.checkpoint import store_checkpoint
 from server.wal.recovery import recover
-from server.wal.schema import check_durability, ensure_schema
+from server.wal.schema import DATABASE_ERRORS, check_durability, ensure_schema
 from server.wal.writer import ShardWriter, WriterStats
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ class Ledger:
         if self._engine is not None and not any(
             w.stats().failed for w in self._writers
         ):
-            with contextlib.suppress(asyncpg.PostgresError, OSError, TimeoutError):
+            with contextlib.suppress(*DATABASE_ERRORS):
                 await self._store_checkpoint()
         for task in self._writer_tasks:
             task.cancel()
@@ -138,7 +138,7 @@ class Ledger:
     async def execute(self, command: Command) -> Result:
         await self._wait_for_gate()
         self._check_serving()
-        if not any(writer.has_room for writer in self._writers):
+        if not all(writer.has_room for writer in self._writers):
             raise Overloaded(
                 "QUEUE_FULL", "every write-ahead queue is full; retry later"
             )
@@ -286,8 +286,10 @@ class Ledger:
                 continue
             try:
                 await self.checkpoint()
-            except (EngineError, asyncpg.PostgresError, OSError, TimeoutError) as error:
-                log.warning("checkpoint skipped: error=%r", error)
+            except EngineError as error:
+                log.warning("checkpoint skipped: reason=%s", error.reason)
+            except DATABASE_ERRORS as error:
+                log.warning("checkpoint failed: error=%r", error)
 
     # Recovery ---------------------------------------------------------------------------
 
@@ -305,7 +307,7 @@ class Ledger:
             try:
                 await self._recover_once()
                 return
-            except (asyncpg.PostgresError, OSError, TimeoutError) as error:
+            except DATABASE_ERRORS as error:
                 log.error("recovery failed: retry_s=%.1f error=%r", delay_s, error)
                 await asyncio.sleep(delay_s)
                 delay_s = min(delay_s * 2, _RECOVERY_RETRY_MAX_S)

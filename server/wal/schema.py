@@ -63,6 +63,15 @@ CREATE INDEX IF NOT EXISTS checkpoint_reservations_id
     ON checkpoint_reservations (checkpoint_id);
 """
 
+# What a database call can fail with: server errors, a broken or closed connection, the
+# socket, or our own timeout. The one list every caller of Postgres catches.
+DATABASE_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    OSError,
+    TimeoutError,
+)
+
 # Serialises schema creation when several servers or tests start at once.
 _SCHEMA_LOCK_KEY = 0x5704_C3A4D
 

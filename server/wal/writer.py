@@ -25,6 +25,7 @@ import asyncpg
 
 from server.engine.engine import Decision
 from server.engine.errors import Unavailable, ensure
+from server.wal.schema import DATABASE_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -180,12 +181,7 @@ class ShardWriter:
         try:
             async with asyncio.timeout(self._commit_timeout_s):
                 await self._commit(decisions)
-        except (
-            asyncpg.PostgresError,
-            OSError,
-            TimeoutError,
-            asyncpg.InterfaceError,
-        ) as error:
+        except DATABASE_ERRORS as error:
             log.error(
                 "wal commit failed: shard=%d entries=%d error=%r",
                 self.shard,
