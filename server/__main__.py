@@ -7,6 +7,7 @@ import sys
 
 import uvloop
 
+from server import logs
 from server.app import App
 from server.config import from_args
 
@@ -34,10 +35,7 @@ async def serve() -> None:
 
 
 def main() -> None:
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logs.configure()
     uvloop.run(serve())
 
 

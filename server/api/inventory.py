@@ -1,6 +1,5 @@
 """InventoryService and StockAdminService over the ledger."""
 
-import contextvars
 import functools
 import logging
 from collections.abc import Awaitable, Callable
@@ -14,6 +13,7 @@ from server.engine.commands import check_count, check_id
 from server.engine.engine import positions_total
 from server.engine.errors import EngineError, InvalidArgument, InvariantBroken
 from server.ledger import Ledger
+from server.logs import request_context
 from stockward.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -22,9 +22,6 @@ from stockward.v1 import (
 )
 
 log = logging.getLogger(__name__)
-
-# The RPC being served, for log lines deeper down.
-current_rpc: contextvars.ContextVar[str] = contextvars.ContextVar("rpc", default="")
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
@@ -38,7 +35,7 @@ def guarded(handler: Handler[Request, Response]) -> Handler[Request, Response]:
 
     @functools.wraps(handler)
     async def wrapper(self: Any, request: Request, context: Context) -> Response:
-        current_rpc.set(handler.__name__)
+        request_context.set(_describe(handler.__name__, request))
         try:
             return await handler(self, request, context)
         except EngineError as error:
@@ -51,6 +48,22 @@ def guarded(handler: Handler[Request, Response]) -> Handler[Request, Response]:
         raise AssertionError("abort() returns only by raising")
 
     return wrapper
+
+
+def _describe(rpc: str, request: object) -> str:
+    """`rpc=Reserve channel=web request_id=...` from whatever ids the request has."""
+    parts = [f"rpc={rpc}"]
+    for name in (
+        "channel",
+        "request_id",
+        "reservation_id",
+        "source",
+        "source_event_id",
+    ):
+        value = getattr(request, name, "")
+        if value:
+            parts.append(f"{name}={value}")
+    return " ".join(parts)
 
 
 class InventoryService(inventory_pb2_grpc.InventoryServiceServicer):
