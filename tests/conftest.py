@@ -8,11 +8,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import asyncpg
 import grpc
 import pytest
-from stockward.v1 import admin_pb2_grpc, inventory_pb2_grpc
 
 from server.app import App
 from server.clock import FakeClock
 from server.config import DEFAULT_DATABASE_URL, Config
+from stockward.v1 import admin_pb2_grpc, inventory_pb2_grpc
 
 DATABASE_URL = os.environ.get("STOCKWARD_DATABASE_URL", DEFAULT_DATABASE_URL)
 
