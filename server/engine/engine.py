@@ -472,6 +472,8 @@ class Engine:
                 field="reservation_id",
             )
         amounts = self._amounts(command.lines, reservation)
+        if is_fulfil:
+            self._check_can_ship(amounts)
 
         fx: list[list[Any]] = []
         gains: list[tuple[Position, int]] = []
@@ -527,6 +529,19 @@ class Engine:
                     field=f"lines[{index}].quantity",
                 )
         return [(by_position[at], quantity) for at, quantity in totals.items()]
+
+    def _check_can_ship(self, amounts: list[tuple[ReservationLine, int]]) -> None:
+        """A count or damage report can leave on-hand below what is held; shipping more
+        than on-hand then needs a stock correction first, not a negative count."""
+        for line, quantity in amounts:
+            on_hand = self._position(line.sku, line.location).on_hand
+            if quantity > on_hand:
+                raise FailedPrecondition(
+                    "ON_HAND_SHORT",
+                    f"fulfilling {quantity} of {line.sku} at {line.location} but only "
+                    f"{on_hand} on hand; correct the stock count first",
+                    field="lines",
+                )
 
     def _settle(self, reservation: Reservation, now_us: int) -> None:
         """After a release or fulfilment: finished once nothing is held."""
@@ -610,22 +625,27 @@ class Engine:
                 at = (count.sku, count.location)
                 deltas[at] = count.on_hand - self._on_hand(*at)
             return deltas
+        last_index: dict[tuple[str, str], int] = {}
         for index, adjustment in enumerate(command.adjustments):
             at = (adjustment.sku, adjustment.location)
             deltas[at] = deltas.get(at, 0) + adjustment.delta
-            after = self._on_hand(*at) + deltas[at]
+            last_index[at] = index
+        # Only the net change per position counts: [-10, +15] at 0 is a +5.
+        for at, delta in deltas.items():
+            after = self._on_hand(*at) + delta
+            field = f"adjustments[{last_index[at]}].delta"
             if after < 0:
                 raise FailedPrecondition(
                     "ON_HAND_WOULD_GO_NEGATIVE",
                     f"on-hand of {at[0]} at {at[1]} would become {after}",
-                    field=f"adjustments[{index}].delta",
+                    field=field,
                 )
             if after > self.limits.on_hand_max:
                 raise FailedPrecondition(
                     "ON_HAND_TOO_LARGE",
                     f"on-hand of {at[0]} at {at[1]} would become {after}; "
                     f"at most {self.limits.on_hand_max}",
-                    field=f"adjustments[{index}].delta",
+                    field=field,
                 )
         return deltas
 

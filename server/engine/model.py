@@ -120,6 +120,7 @@ class Reservation:
                 f"RESERVATION_{self.state.name}",
                 f"reservation {self.reservation_id} is {self.state.value}; "
                 f"it cannot become {target.value}",
+                field="reservation_id",
             )
         self.state = target
         self.updated_us = now_us
