@@ -160,7 +160,7 @@ class InventoryService(inventory_pb2_grpc.InventoryServiceServicer):
                     f"state {request.state} is not known",
                     field="state",
                 )
-        created_before_us = 0
+        created_before_us = None
         if request.HasField("created_before"):
             created_before_us = request.created_before.ToMicroseconds()
         page, token = engine.list_reservations(

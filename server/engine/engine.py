@@ -285,14 +285,15 @@ class Engine:
         takes = self._choose(line, offers)
         for position, quantity in takes:
             planned[id(position)] = planned.get(id(position), 0) + quantity
-        taken = sum(quantity for _, quantity in takes)
-        if taken == line.quantity:
-            return _LinePlan(takes, None, taken)
+        # What the line could have had under its own rules, reported when it is short
+        # or when another line's shortage rejected it.
         if line.allow_split:
             available = sum(free for _, free in offers)
         else:
             available = max((free for _, free in offers), default=0)
-        return _LinePlan(takes, ShortReason.INSUFFICIENT_STOCK, available)
+        taken = sum(quantity for _, quantity in takes)
+        reason = None if taken == line.quantity else ShortReason.INSUFFICIENT_STOCK
+        return _LinePlan(takes, reason, available)
 
     @staticmethod
     def _choose(
@@ -317,7 +318,7 @@ class Engine:
     @staticmethod
     def _reject_plan(plan: _LinePlan) -> _LinePlan:
         if plan.short_reason is None:
-            return _LinePlan([], ShortReason.OTHER_LINE_SHORT, plan.quantity)
+            return _LinePlan([], ShortReason.OTHER_LINE_SHORT, plan.quantity_available)
         return _LinePlan([], plan.short_reason, plan.quantity_available)
 
     @staticmethod
@@ -771,7 +772,7 @@ class Engine:
         *,
         channel: str,
         state: ReservationState | None,
-        created_before_us: int,
+        created_before_us: int | None,
         page_size: int,
         page_token: str,
     ) -> tuple[list[Reservation], str]:
@@ -787,7 +788,7 @@ class Engine:
             for r in self.reservations.values()
             if (not channel or r.channel == channel)
             and (state is None or r.state is state)
-            and (not created_before_us or r.created_us < created_before_us)
+            and (created_before_us is None or r.created_us < created_before_us)
             and (after is None or (r.created_us, r.reservation_id) > after)
         )
         page = [self.reservations[rid].copy() for _, rid in matches[:size]]

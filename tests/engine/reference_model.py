@@ -339,11 +339,15 @@ class ReferenceModel:
             for location in candidates
             if (line.sku, location) in free
         ]
+        # What the line could have had under its own rules: everything at its
+        # locations when it may split, else the best single location.
+        counts = [count for _, count in offers]
+        could_have = sum(counts) if line.allow_split else max(counts, default=0)
         # The first location in preference order that covers the whole line wins, even
         # when splitting is allowed: one shipment beats two.
         for location, count in offers:
             if count >= line.quantity:
-                return _Plan([(location, line.quantity)], None, line.quantity)
+                return _Plan([(location, line.quantity)], None, could_have)
 
         if line.allow_split:
             takes: list[tuple[str, int]] = []
@@ -353,7 +357,7 @@ class ReferenceModel:
                     takes.append((location, min(count, wanted)))
                     wanted -= min(count, wanted)
             if wanted == 0:
-                return _Plan(takes, None, line.quantity)
+                return _Plan(takes, None, could_have)
             return _Plan(takes, ShortReason.INSUFFICIENT_STOCK, line.quantity - wanted)
 
         # Not covered anywhere and no split: a partial hold takes the location with the

@@ -637,7 +637,11 @@ def _list_all(engine: Engine, *, page_size: int, **filters: Any) -> list[list[st
     """Every page, following page tokens, as lists of ids."""
     pages: list[list[str]] = []
     token = ""
-    arguments: dict[str, Any] = {"channel": "", "state": None, "created_before_us": 0}
+    arguments: dict[str, Any] = {
+        "channel": "",
+        "state": None,
+        "created_before_us": None,
+    }
     arguments.update(filters)
     while True:
         page, token = engine.list_reservations(
@@ -707,7 +711,7 @@ def test_list_refuses_a_bad_page_size_or_foreign_page_token(
         engine.list_reservations(
             channel="",
             state=None,
-            created_before_us=0,
+            created_before_us=None,
             page_size=page_size,
             page_token=page_token,
         )
