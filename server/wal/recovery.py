@@ -31,6 +31,7 @@ import asyncpg
 from server.clock import Clock
 from server.engine.engine import US_PER_S, Engine
 from server.engine.limits import Limits
+from server.wal.schema import WRITE_FENCE_LOCK, WRITE_FENCE_UNLOCK
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,38 @@ async def recover(
         limits=limits,
         idempotency_retention_s=idempotency_retention_s,
     )
+    # Take the fence before the snapshot: a repeatable-read snapshot starts with its
+    # first statement, and must not start before a late commit has landed.
+    await conn.execute(WRITE_FENCE_LOCK)
+    try:
+        replayed = await _load(
+            conn, engine, shard_count, clock, idempotency_retention_s
+        )
+    finally:
+        await conn.execute(WRITE_FENCE_UNLOCK)
+    engine.finish_recovery()
+    stats = engine.stats()
+    log.info(
+        "recovered: reservations=%d active=%d positions=%d replayed=%d requests=%d ms=%.0f",
+        stats.reservations,
+        stats.active_reservations,
+        stats.positions,
+        replayed,
+        stats.remembered_requests,
+        (time.perf_counter() - started) * 1000,
+    )
+    return engine
+
+
+async def _load(
+    conn: asyncpg.Connection,
+    engine: Engine,
+    shard_count: int,
+    clock: Clock,
+    idempotency_retention_s: int,
+) -> int:
+    """Checkpoint, records and request log, all from one snapshot; returns how many
+    records were replayed."""
     async with conn.transaction(isolation="repeatable_read", readonly=True):
         seqs = await _load_checkpoint(conn, engine, shard_count)
         replayed = 0
@@ -82,18 +115,7 @@ async def recover(
                 result=json.loads(row["result"]),
                 created_us=row["created_us"],
             )
-    engine.finish_recovery()
-    stats = engine.stats()
-    log.info(
-        "recovered: reservations=%d active=%d positions=%d replayed=%d requests=%d ms=%.0f",
-        stats.reservations,
-        stats.active_reservations,
-        stats.positions,
-        replayed,
-        stats.remembered_requests,
-        (time.perf_counter() - started) * 1000,
-    )
-    return engine
+    return replayed
 
 
 async def _load_checkpoint(

@@ -72,6 +72,17 @@ DATABASE_ERRORS: tuple[type[BaseException], ...] = (
     TimeoutError,
 )
 
+# The write fence, an advisory lock per schema. Every writer transaction holds it shared;
+# recovery takes it exclusively before it reads, so a commit that was still on its way
+# when a write failed (a timeout, a lost answer to COMMIT) has landed or died by then.
+WRITE_FENCE_SHARED = (
+    "SELECT pg_advisory_xact_lock_shared(hashtext(current_schema() || ':wal-fence'))"
+)
+WRITE_FENCE_LOCK = "SELECT pg_advisory_lock(hashtext(current_schema() || ':wal-fence'))"
+WRITE_FENCE_UNLOCK = (
+    "SELECT pg_advisory_unlock(hashtext(current_schema() || ':wal-fence'))"
+)
+
 # Serialises schema creation when several servers or tests start at once.
 _SCHEMA_LOCK_KEY = 0x5704_C3A4D
 

@@ -25,7 +25,7 @@ import asyncpg
 
 from server.engine.engine import Decision
 from server.engine.errors import Unavailable, ensure
-from server.wal.schema import DATABASE_ERRORS
+from server.wal.schema import DATABASE_ERRORS, WRITE_FENCE_SHARED
 
 log = logging.getLogger(__name__)
 
@@ -120,19 +120,27 @@ class ShardWriter:
         return future
 
     async def run(self) -> None:
-        while not (self._closing and not self._queue):
-            if not self._queue:
-                self._idle.set()
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
-            batch = [
-                self._queue.popleft()
-                for _ in range(min(len(self._queue), self._batch_entries_max))
-            ]
-            if not await self._write(batch):
-                return
-        self._idle.set()
+        """Write batches until closed or failed. Idle is set only when no transaction
+        of this writer is open, so a recovery that waits for it never races a commit
+        still on its way."""
+        try:
+            while not self._failed:
+                if not self._queue:
+                    if self._closing:
+                        break
+                    self._idle.set()
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                batch = [
+                    self._queue.popleft()
+                    for _ in range(min(len(self._queue), self._batch_entries_max))
+                ]
+                if not await self._write(batch):
+                    break
+        finally:
+            self._fail_queued("the write-ahead log stopped taking writes")
+            self._idle.set()
 
     async def drain(self) -> None:
         """Wait until everything queued so far is durable or failed."""
@@ -145,14 +153,17 @@ class ShardWriter:
         await self.drain()
 
     def abort(self, reason: str) -> None:
-        """Fail everything queued and take nothing more."""
+        """Fail everything queued and take nothing more. A transaction already open
+        runs to its end; drain() waits for it."""
         self._failed = True
+        self._fail_queued(reason)
+        self._wakeup.set()
+
+    def _fail_queued(self, reason: str) -> None:
         while self._queue:
             _, future = self._queue.popleft()
             if not future.done():
                 future.set_exception(WriterFailed("WRITE_FAILED", reason))
-        self._idle.set()
-        self._wakeup.set()
 
     def stats(self) -> WriterStats:
         return WriterStats(
@@ -196,7 +207,7 @@ class ShardWriter:
                             "WRITE_FAILED", "the write could not be made durable"
                         )
                     )
-            self.abort("an earlier write of this shard failed")
+            self._fail_queued("an earlier write of this shard failed")
             self._on_failure(error)
             return False
 
@@ -225,6 +236,9 @@ class ShardWriter:
         ]
         requests = [d.request for d in decisions if d.request is not None]
         async with self._pool.acquire() as conn, conn.transaction():
+            # Shared with every other writer, exclusive for recovery: recovery reads
+            # only once no transaction of ours can still commit (see recovery.py).
+            await conn.execute(WRITE_FENCE_SHARED)
             if records:
                 await conn.copy_records_to_table(
                     "wal_records", records=records, columns=_RECORD_COLUMNS
