@@ -115,9 +115,13 @@ class App:
         log.info("listening: address=%s port=%d", self.config.listen, self.port)
 
         self._database_ok = True
-        await self._ledger.start()
-        if self.config.demo_catalogue:
-            await self.seed_demo_catalogue()
+        try:
+            await self._ledger.start()
+            if self.config.demo_catalogue:
+                await self.seed_demo_catalogue()
+        except BaseException:
+            await self.stop()
+            raise
         self._probe_task = asyncio.create_task(self._probe_database(), name="db-probe")
         return self.port
 

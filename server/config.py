@@ -44,6 +44,9 @@ class Config:
     shutdown_grace_s: float = 10.0
     # Connections: one per shard writer plus reads, checkpoints and health checks.
     pool_extra_connections: int = 3
+    # A starting server waits this long for a previous owner of the schema to go (after
+    # a kill, Postgres ends its session within moments), then refuses to start.
+    owner_wait_s: float = 15.0
     # Every call to Postgres that is not a commit gets this long.
     database_timeout_s: float = 5.0
     # Seed a small demo catalogue at start (make run).

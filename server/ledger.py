@@ -28,7 +28,12 @@ from server.engine.errors import EngineError, Overloaded, Unavailable
 from server.engine.limits import Limits
 from server.wal.checkpoint import store_checkpoint
 from server.wal.recovery import recover
-from server.wal.schema import DATABASE_ERRORS, check_durability, ensure_schema
+from server.wal.schema import (
+    DATABASE_ERRORS,
+    check_durability,
+    ensure_schema,
+    take_ownership,
+)
 from server.wal.writer import ShardWriter, WriterStats
 
 log = logging.getLogger(__name__)
@@ -77,6 +82,7 @@ class Ledger:
         self._gate.set()
         self._state = LedgerState.STARTING
         self._recovery_task: asyncio.Task[None] | None = None
+        self._owner: asyncpg.Connection | None = None
         self._loops: list[asyncio.Task[None]] = []
         self._recoveries = 0
         self._checkpoints = 0
@@ -100,6 +106,7 @@ class Ledger:
                 conn, allow_unsafe=self._config.unsafe_allow_lossy_postgres
             )
             await ensure_schema(conn, shard_count=self._config.shards)
+        await self._own_schema()
         await self._recover_once()
         self._loops = [
             asyncio.create_task(self._expiry_loop(), name="expiry"),
@@ -125,6 +132,11 @@ class Ledger:
                 await self._store_checkpoint()
         for task in self._writer_tasks:
             task.cancel()
+        if self._owner is not None:
+            self._owner.remove_termination_listener(self._on_owner_lost)
+            with contextlib.suppress(*DATABASE_ERRORS):
+                await self._pool.release(self._owner)
+            self._owner = None
         self._set_state(LedgerState.STOPPED)
 
     def _set_state(self, state: LedgerState) -> None:
@@ -312,12 +324,33 @@ class Ledger:
                 await asyncio.sleep(delay_s)
                 delay_s = min(delay_s * 2, _RECOVERY_RETRY_MAX_S)
 
+    async def _own_schema(self) -> None:
+        """Hold the schema's owner lock on a connection kept for that alone."""
+        if self._owner is not None and not self._owner.is_closed():
+            return
+        conn: asyncpg.Connection = await self._pool.acquire()
+        try:
+            await take_ownership(conn, wait_s=self._config.owner_wait_s)
+        except BaseException:
+            await self._pool.release(conn)
+            raise
+        conn.add_termination_listener(self._on_owner_lost)
+        self._owner = conn
+
+    def _on_owner_lost(self, conn: asyncpg.Connection) -> None:
+        # Without the lock another server could start on this schema: stop deciding
+        # until the lock is ours again and the state is re-read.
+        log.error("schema ownership lost: recovering")
+        self._owner = None
+        self._on_write_failure(ConnectionError("owner connection ended"))
+
     async def _recover_once(self) -> None:
         self._set_state(LedgerState.RECOVERING)
         for writer in self._writers:
             await writer.drain()
         for task in self._writer_tasks:
             task.cancel()
+        await self._own_schema()
         async with asyncio.timeout(max(60.0, self._config.database_timeout_s)):
             async with self._pool.acquire() as conn:
                 engine = await recover(

@@ -7,6 +7,7 @@ answer to every mutating request for idempotent replay. A checkpoint is the stat
 a seq per shard; recovery loads the newest complete one and replays the records after it.
 """
 
+import asyncio
 import logging
 
 import asyncpg
@@ -16,6 +17,9 @@ from server.engine.errors import ensure
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = "1"
+
+# How often a starting server asks again for the owner lock.
+_OWNER_RETRY_S = 0.1
 
 DDL = """
 CREATE TABLE IF NOT EXISTS stockward_meta (
@@ -83,12 +87,33 @@ WRITE_FENCE_UNLOCK = (
     "SELECT pg_advisory_unlock(hashtext(current_schema() || ':wal-fence'))"
 )
 
+# Ownership: one server process per schema. Two would each promise the same units.
+# Held on a connection of its own for the server's lifetime; Postgres releases it when
+# that connection ends, including when the process is killed.
+OWNER_TRY_LOCK = "SELECT pg_try_advisory_lock(hashtext(current_schema() || ':owner'))"
+
 # Serialises schema creation when several servers or tests start at once.
 _SCHEMA_LOCK_KEY = 0x5704_C3A4D
 
 
 class UnsafeDatabase(Exception):
     """Postgres would acknowledge commits it could still lose."""
+
+
+class SchemaOwned(Exception):
+    """Another server process serves this schema."""
+
+
+async def take_ownership(conn: asyncpg.Connection, *, wait_s: float) -> None:
+    """Take the schema's owner lock, waiting up to wait_s for a previous owner's
+    connection to end (after a kill, Postgres notices within moments)."""
+    deadline = asyncio.get_running_loop().time() + wait_s
+    while not await conn.fetchval(OWNER_TRY_LOCK):
+        if asyncio.get_running_loop().time() > deadline:
+            raise SchemaOwned(
+                "another stockward server holds this schema; one process per schema"
+            )
+        await asyncio.sleep(_OWNER_RETRY_S)
 
 
 async def check_durability(conn: asyncpg.Connection, *, allow_unsafe: bool) -> None:
