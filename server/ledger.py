@@ -17,6 +17,7 @@ import dataclasses
 import enum
 import logging
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import asyncpg
 
@@ -261,29 +262,32 @@ class Ledger:
             positions, reservations, seqs = self.engine.checkpoint_rows()
         finally:
             self._gate.set()
-        async with self._pool.acquire() as conn:
-            checkpoint_id = await store_checkpoint(
-                conn,
-                positions=positions,
-                reservations=reservations,
-                shard_seqs=seqs,
-                created_us=self._clock.now_us(),
-            )
+        checkpoint_id = await self._write_checkpoint(positions, reservations, seqs)
         self._checkpoints += 1
         self._records_at_checkpoint = sum(seqs)
         return checkpoint_id
 
     async def _store_checkpoint(self) -> None:
         if self._state in {LedgerState.SERVING, LedgerState.STOPPING}:
-            positions, reservations, seqs = self.engine.checkpoint_rows()
-            async with self._pool.acquire() as conn:
-                await store_checkpoint(
-                    conn,
-                    positions=positions,
-                    reservations=reservations,
-                    shard_seqs=seqs,
-                    created_us=self._clock.now_us(),
-                )
+            await self._write_checkpoint(*self.engine.checkpoint_rows())
+
+    async def _write_checkpoint(
+        self,
+        positions: list[tuple[str, str, int, int]],
+        reservations: list[dict[str, Any]],
+        seqs: list[int],
+    ) -> int:
+        now_us = self._clock.now_us()
+        retention_us = self._config.idempotency_retention_s * 1_000_000
+        async with self._pool.acquire() as conn:
+            return await store_checkpoint(
+                conn,
+                positions=positions,
+                reservations=reservations,
+                shard_seqs=seqs,
+                created_us=now_us,
+                request_horizon_us=now_us - retention_us,
+            )
 
     def _records_since_checkpoint(self) -> int:
         if self._engine is None:

@@ -2,13 +2,16 @@
 
 The ledger takes the rows while no write is in flight (see Engine.checkpoint_rows); this
 module only stores them. A checkpoint counts once its row says complete, and older
-checkpoints are dropped in the same transaction. Records are kept: the ERP bridge reads
-them.
+checkpoints are dropped in the same transaction.
+
+Known shortcoming: wal_records are never deleted; the table grows by one row per
+commitment until the ERP bridge (which reads them) owns their retention.
 """
 
 import json
 import logging
 import time
+from typing import Any
 
 import asyncpg
 
@@ -19,10 +22,13 @@ async def store_checkpoint(
     conn: asyncpg.Connection,
     *,
     positions: list[tuple[str, str, int, int]],
-    reservations: list[dict[str, object]],
+    reservations: list[dict[str, Any]],
     shard_seqs: list[int],
     created_us: int,
+    request_horizon_us: int,
 ) -> int:
+    """Store a checkpoint and drop what it makes unnecessary: older checkpoints and
+    answers past their retention (the engine forgets those too)."""
     started = time.perf_counter()
     async with conn.transaction():
         checkpoint_id: int = await conn.fetchval(
@@ -44,6 +50,9 @@ async def store_checkpoint(
             "UPDATE checkpoints SET complete = true WHERE id = $1", checkpoint_id
         )
         await conn.execute("DELETE FROM checkpoints WHERE id < $1", checkpoint_id)
+        await conn.execute(
+            "DELETE FROM request_log WHERE created_us < $1", request_horizon_us
+        )
     log.info(
         "checkpoint stored: id=%d positions=%d reservations=%d ms=%.0f",
         checkpoint_id,
