@@ -83,6 +83,7 @@ class App:
             pool=self._pool,
             clock=self.clock,
             on_state=lambda _: self._publish_health(),
+            on_invariant_broken=self._on_invariant_broken,
         )
         server = grpc.aio.server(
             maximum_concurrent_rpcs=self.config.max_concurrent_rpcs,

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import dataclasses
 import enum
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -25,7 +26,7 @@ from server.clock import Clock
 from server.config import Config
 from server.engine.commands import Command, Result
 from server.engine.engine import Decision, Engine, Replay
-from server.engine.errors import EngineError, Overloaded, Unavailable
+from server.engine.errors import EngineError, InvariantBroken, Overloaded, Unavailable
 from server.engine.limits import Limits
 from server.wal.checkpoint import store_checkpoint
 from server.wal.recovery import recover
@@ -61,6 +62,14 @@ class LedgerStats:
     writers: tuple[WriterStats, ...]
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Pending:
+    """An answer and the write it waits for (None: already durable)."""
+
+    result: Result
+    future: "asyncio.Future[None] | None"
+
+
 class Ledger:
     def __init__(
         self,
@@ -69,7 +78,9 @@ class Ledger:
         pool: asyncpg.Pool,
         clock: Clock,
         on_state: Callable[[LedgerState], None] = lambda _: None,
+        on_invariant_broken: Callable[[BaseException], None],
     ) -> None:
+        self._on_invariant_broken = on_invariant_broken
         self._config = config
         self._pool = pool
         self._clock = clock
@@ -100,6 +111,19 @@ class Ledger:
         if self._engine is None:
             raise Unavailable("NOT_SERVING", "the server is starting; retry shortly")
         return self._engine
+
+    def reader(self) -> Engine:
+        """The engine, for reads. While recovering it may show changes whose write
+        failed and that recovery will undo, so reads then get UNAVAILABLE too.
+
+        Known shortcoming: while serving, reads show decisions whose commit is still
+        on its way (a few milliseconds); if that commit fails, recovery undoes them.
+        """
+        if self._state not in {LedgerState.SERVING, LedgerState.STOPPING}:
+            raise Unavailable(
+                "NOT_SERVING", f"the server is {self._state.value}; retry shortly"
+            )
+        return self.engine
 
     async def start(self) -> None:
         async with self._pool.acquire() as conn:
@@ -151,20 +175,9 @@ class Ledger:
     async def execute(self, command: Command) -> Result:
         await self._wait_for_gate()
         self._check_serving()
-        if not all(writer.has_room for writer in self._writers):
-            raise Overloaded(
-                "QUEUE_FULL", "every write-ahead queue is full; retry later"
-            )
-
-        outcome = self.engine.decide(command)
-        if isinstance(outcome, Replay):
-            if not outcome.durable:
-                first = self._inflight.get(outcome.key)
-                if first is not None:
-                    await asyncio.shield(first)
-            return outcome.result
-        await self._write(outcome)
-        return outcome.result
+        self._check_room()
+        pending = self._submit(self.engine.decide(command))
+        return await self._settle(pending)
 
     async def execute_batch(
         self, commands: Sequence[Command]
@@ -172,43 +185,69 @@ class Ledger:
         """Independent commands decided back to back, written together."""
         await self._wait_for_gate()
         self._check_serving()
-        outcomes: list[Decision | Replay | EngineError] = []
+        self._check_room()
+        pendings: list[_Pending | EngineError] = []
         for command in commands:
             try:
-                outcomes.append(self.engine.decide(command))
+                pendings.append(self._submit(self.engine.decide(command)))
             except EngineError as error:
-                outcomes.append(error)
-        waits = [self._settle(outcome) for outcome in outcomes]
-        return list(await asyncio.gather(*waits))
+                pendings.append(error)
+        return list(await asyncio.gather(*(self._settle_one(p) for p in pendings)))
 
-    async def _settle(
-        self, outcome: Decision | Replay | EngineError
+    def _check_room(self) -> None:
+        # One full shard means Postgres is not keeping up; refuse before deciding, as a
+        # decision cannot be taken back.
+        if not all(writer.has_room for writer in self._writers):
+            raise Overloaded(
+                "QUEUE_FULL", "the write-ahead queues are full; retry later"
+            )
+
+    def _submit(self, outcome: Decision | Replay) -> "_Pending":
+        """Hand a decision to its writer at once: with no await between deciding and
+        queueing, queue order is seq order on every shard."""
+        if isinstance(outcome, Replay):
+            if outcome.durable:
+                return _Pending(outcome.result, None)
+            first = self._inflight.get(outcome.key)
+            if first is None:
+                # Remembered, not durable, not in flight: its write failed and recovery
+                # will tell whether it happened. Never answer it as done.
+                raise Unavailable("WRITE_FAILED", "the first attempt's write failed")
+            return _Pending(outcome.result, first)
+
+        future = self._writers[outcome.shard].submit(outcome)
+        key = None
+        if outcome.request is not None:
+            key = (outcome.request.scope, outcome.request.request_id)
+            self._inflight[key] = future
+        future.add_done_callback(functools.partial(self._written, key))
+        return _Pending(outcome.result, future)
+
+    def _written(
+        self, key: tuple[str, str] | None, future: "asyncio.Future[None]"
+    ) -> None:
+        # Removed when the write ends, not when a waiter gives up: a retry arriving
+        # after the first caller's deadline must still wait for the same write.
+        if key is not None and self._inflight.get(key) is future:
+            del self._inflight[key]
+        if not future.cancelled():
+            future.exception()  # retrieved, so a failure nobody awaits is not logged
+
+    @staticmethod
+    async def _settle(pending: "_Pending") -> Result:
+        if pending.future is not None:
+            await asyncio.shield(pending.future)
+        return pending.result
+
+    async def _settle_one(
+        self, pending: "_Pending | EngineError"
     ) -> Result | EngineError:
-        if isinstance(outcome, EngineError):
-            return outcome
+        if isinstance(pending, EngineError):
+            return pending
         try:
-            if isinstance(outcome, Replay):
-                first = self._inflight.get(outcome.key)
-                if not outcome.durable and first is not None:
-                    await asyncio.shield(first)
-                return outcome.result
-            await self._write(outcome)
-            return outcome.result
+            return await self._settle(pending)
         except EngineError as error:
             return error
-
-    async def _write(self, decision: Decision) -> None:
-        writer = self._writers[decision.shard]
-        future = writer.submit(decision)
-        key = None
-        if decision.request is not None:
-            key = (decision.request.scope, decision.request.request_id)
-            self._inflight[key] = future
-        try:
-            await asyncio.shield(future)
-        finally:
-            if key is not None and self._inflight.get(key) is future:
-                del self._inflight[key]
 
     async def _wait_for_gate(self) -> None:
         if not self._gate.is_set():
@@ -227,8 +266,9 @@ class Ledger:
         if self._state is not LedgerState.SERVING:
             return 0
         decisions = self.engine.expire_due(count_max=self._config.expiry_batch_max)
+        pendings = [self._submit(decision) for decision in decisions]
         results = await asyncio.gather(
-            *(self._write(decision) for decision in decisions), return_exceptions=True
+            *(self._settle(p) for p in pendings), return_exceptions=True
         )
         failed = [r for r in results if isinstance(r, BaseException)]
         if failed:
@@ -323,6 +363,11 @@ class Ledger:
             try:
                 await self._recover_once()
                 return
+            except InvariantBroken as error:
+                # Postgres holds state that breaks the engine's rules: serving from it
+                # could oversell. Stop loudly rather than retry.
+                self._on_invariant_broken(error)
+                return
             except DATABASE_ERRORS as error:
                 log.error("recovery failed: retry_s=%.1f error=%r", delay_s, error)
                 await asyncio.sleep(delay_s)
@@ -380,12 +425,18 @@ class Ledger:
             for shard in engine.shards
         ]
         self._writer_tasks = [
-            asyncio.create_task(w.run(), name=f"wal-writer-{w.shard}")
+            asyncio.create_task(self._run_writer(w), name=f"wal-writer-{w.shard}")
             for w in self._writers
         ]
         self._records_at_checkpoint = sum(shard.next_seq - 1 for shard in engine.shards)
         self._recoveries += 1
         self._set_state(LedgerState.SERVING)
+
+    async def _run_writer(self, writer: ShardWriter) -> None:
+        try:
+            await writer.run()
+        except InvariantBroken as error:
+            self._on_invariant_broken(error)
 
     def stats(self) -> LedgerStats:
         return LedgerStats(

@@ -135,7 +135,7 @@ class InventoryService(inventory_pb2_grpc.InventoryServiceServicer):
     async def GetReservation(
         self, request: inventory_pb2.GetReservationRequest, context: Context
     ) -> inventory_pb2.GetReservationResponse:
-        reservation = self._ledger.engine.get_reservation(request.reservation_id)
+        reservation = self._ledger.reader().get_reservation(request.reservation_id)
         return inventory_pb2.GetReservationResponse(
             reservation=convert.reservation(reservation)
         )
@@ -144,7 +144,7 @@ class InventoryService(inventory_pb2_grpc.InventoryServiceServicer):
     async def ListReservations(
         self, request: inventory_pb2.ListReservationsRequest, context: Context
     ) -> inventory_pb2.ListReservationsResponse:
-        engine = self._ledger.engine
+        engine = self._ledger.reader()
         check_id(
             request.channel,
             field="channel",
@@ -178,7 +178,7 @@ class InventoryService(inventory_pb2_grpc.InventoryServiceServicer):
     async def GetAvailability(
         self, request: inventory_pb2.GetAvailabilityRequest, context: Context
     ) -> inventory_pb2.GetAvailabilityResponse:
-        engine = self._ledger.engine
+        engine = self._ledger.reader()
         engine.check_availability_query(list(request.skus), list(request.locations))
         check_id(
             request.channel,
