@@ -59,6 +59,21 @@ class Running:
 ServerFactory = Callable[..., Awaitable[Running]]
 
 
+async def launch(config: Config, clock: FakeClock) -> Running:
+    """An in-process server with stubs; broken invariants are collected, not fatal."""
+    broken: list[BaseException] = []
+    app = App(config, clock=clock, on_invariant_broken=broken.append)
+    port = await app.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    return Running(
+        app=app,
+        channel=channel,
+        inventory=inventory_pb2_grpc.InventoryServiceStub(channel),
+        admin=admin_pb2_grpc.StockAdminServiceStub(channel),
+        broken=broken,
+    )
+
+
 @pytest.fixture
 async def start_server(
     config: Config, clock: FakeClock
@@ -70,21 +85,7 @@ async def start_server(
     running: list[Running] = []
 
     async def start(**overrides: object) -> Running:
-        broken: list[BaseException] = []
-        app = App(
-            dataclasses.replace(config, **overrides),  # type: ignore[arg-type]
-            clock=clock,
-            on_invariant_broken=broken.append,
-        )
-        port = await app.start()
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-        server = Running(
-            app=app,
-            channel=channel,
-            inventory=inventory_pb2_grpc.InventoryServiceStub(channel),
-            admin=admin_pb2_grpc.StockAdminServiceStub(channel),
-            broken=broken,
-        )
+        server = await launch(dataclasses.replace(config, **overrides), clock)  # type: ignore[arg-type]
         running.append(server)
         return server
 

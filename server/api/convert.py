@@ -5,6 +5,7 @@ fault in the contract's own terms, so there is one place where input is judged.
 """
 
 from collections.abc import Iterable
+from typing import TypeVar
 
 from google.protobuf import timestamp_pb2
 
@@ -165,6 +166,25 @@ def reservation(value: Reservation) -> types_pb2.Reservation:
     if value.expires_us:
         message.expires_at.CopyFrom(timestamp(value.expires_us))
     return message
+
+
+ReservationResponse = TypeVar(
+    "ReservationResponse",
+    bound=inventory_pb2.ConfirmResponse
+    | inventory_pb2.ReleaseResponse
+    | inventory_pb2.FulfillResponse
+    | inventory_pb2.ExtendResponse,
+)
+
+
+def reservation_response(
+    result: cmd.Result, response_type: type[ReservationResponse]
+) -> ReservationResponse:
+    """The answer to Confirm, Release, Fulfill or Extend: the reservation as it stands."""
+    assert isinstance(result, cmd.ReservationResult)
+    return response_type(
+        reservation=reservation(result.reservation), replayed=result.replayed
+    )
 
 
 def reserve_response(result: cmd.ReserveResult) -> inventory_pb2.ReserveResponse:

@@ -78,11 +78,6 @@ class InventoryService(inventory_pb2_grpc.InventoryServiceServicer):
         self._clock = clock
         self.on_invariant_broken = on_invariant_broken
 
-    async def _reservation_result(self, command: cmd.Command) -> cmd.ReservationResult:
-        result = await self._ledger.execute(command)
-        assert isinstance(result, cmd.ReservationResult)
-        return result
-
     @guarded
     async def Reserve(
         self, request: inventory_pb2.ReserveRequest, context: Context
@@ -95,41 +90,29 @@ class InventoryService(inventory_pb2_grpc.InventoryServiceServicer):
     async def Confirm(
         self, request: inventory_pb2.ConfirmRequest, context: Context
     ) -> inventory_pb2.ConfirmResponse:
-        result = await self._reservation_result(convert.confirm(request))
-        return inventory_pb2.ConfirmResponse(
-            reservation=convert.reservation(result.reservation),
-            replayed=result.replayed,
-        )
+        result = await self._ledger.execute(convert.confirm(request))
+        return convert.reservation_response(result, inventory_pb2.ConfirmResponse)
 
     @guarded
     async def Release(
         self, request: inventory_pb2.ReleaseRequest, context: Context
     ) -> inventory_pb2.ReleaseResponse:
-        result = await self._reservation_result(convert.release(request))
-        return inventory_pb2.ReleaseResponse(
-            reservation=convert.reservation(result.reservation),
-            replayed=result.replayed,
-        )
+        result = await self._ledger.execute(convert.release(request))
+        return convert.reservation_response(result, inventory_pb2.ReleaseResponse)
 
     @guarded
     async def Fulfill(
         self, request: inventory_pb2.FulfillRequest, context: Context
     ) -> inventory_pb2.FulfillResponse:
-        result = await self._reservation_result(convert.fulfill(request))
-        return inventory_pb2.FulfillResponse(
-            reservation=convert.reservation(result.reservation),
-            replayed=result.replayed,
-        )
+        result = await self._ledger.execute(convert.fulfill(request))
+        return convert.reservation_response(result, inventory_pb2.FulfillResponse)
 
     @guarded
     async def Extend(
         self, request: inventory_pb2.ExtendRequest, context: Context
     ) -> inventory_pb2.ExtendResponse:
-        result = await self._reservation_result(convert.extend(request))
-        return inventory_pb2.ExtendResponse(
-            reservation=convert.reservation(result.reservation),
-            replayed=result.replayed,
-        )
+        result = await self._ledger.execute(convert.extend(request))
+        return convert.reservation_response(result, inventory_pb2.ExtendResponse)
 
     @guarded
     async def GetReservation(
@@ -264,7 +247,13 @@ def _batch_command(
     )
 
 
-_RESERVATION_RESPONSES = {
+_RESERVATION_RESPONSES: dict[
+    str,
+    type[inventory_pb2.ConfirmResponse]
+    | type[inventory_pb2.ReleaseResponse]
+    | type[inventory_pb2.FulfillResponse]
+    | type[inventory_pb2.ExtendResponse],
+] = {
     "confirm": inventory_pb2.ConfirmResponse,
     "release": inventory_pb2.ReleaseResponse,
     "fulfill": inventory_pb2.FulfillResponse,
@@ -279,10 +268,8 @@ def _batch_result(
         return inventory_pb2.CommandResult(error=status_of(outcome))
     if isinstance(outcome, cmd.ReserveResult):
         return inventory_pb2.CommandResult(reserve=convert.reserve_response(outcome))
-    assert isinstance(outcome, cmd.ReservationResult) and kind in _RESERVATION_RESPONSES
-    response = _RESERVATION_RESPONSES[kind](
-        reservation=convert.reservation(outcome.reservation), replayed=outcome.replayed
-    )
+    assert kind in _RESERVATION_RESPONSES
+    response = convert.reservation_response(outcome, _RESERVATION_RESPONSES[kind])
     result = inventory_pb2.CommandResult()
     getattr(result, kind).CopyFrom(response)
     return result

@@ -5,14 +5,11 @@ import contextlib
 import dataclasses
 from collections.abc import AsyncIterator
 
-import grpc
 import pytest
 
-from server.app import App
 from server.clock import FakeClock
 from server.config import Config
-from stockward.v1 import admin_pb2_grpc, inventory_pb2_grpc
-from tests.conftest import Running, ServerFactory
+from tests.conftest import Running, ServerFactory, launch
 
 # A clean stop drains idle writers and stores one small checkpoint: well under this.
 STOP_WAIT_S = 5.0
@@ -44,21 +41,7 @@ async def start_fragile_server(
     running: list[Running] = []
 
     async def start(**overrides: object) -> Running:
-        broken: list[BaseException] = []
-        app = App(
-            dataclasses.replace(config, **overrides),  # type: ignore[arg-type]
-            clock=clock,
-            on_invariant_broken=broken.append,
-        )
-        port = await app.start()
-        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
-        server = Running(
-            app=app,
-            channel=channel,
-            inventory=inventory_pb2_grpc.InventoryServiceStub(channel),
-            admin=admin_pb2_grpc.StockAdminServiceStub(channel),
-            broken=broken,
-        )
+        server = await launch(dataclasses.replace(config, **overrides), clock)  # type: ignore[arg-type]
         running.append(server)
         return server
 
