@@ -299,12 +299,12 @@ class Ledger:
             for writer in self._writers:
                 await writer.drain()
             self._check_serving()
-            positions, reservations, seqs = self.engine.checkpoint_rows()
+            rows = self.engine.checkpoint_rows()
         finally:
             self._gate.set()
-        checkpoint_id = await self._write_checkpoint(positions, reservations, seqs)
+        checkpoint_id = await self._write_checkpoint(*rows)
         self._checkpoints += 1
-        self._records_at_checkpoint = sum(seqs)
+        self._records_at_checkpoint = sum(rows[2])
         return checkpoint_id
 
     async def _store_checkpoint(self) -> None:
@@ -316,6 +316,7 @@ class Ledger:
         positions: list[tuple[str, str, int, int]],
         reservations: list[dict[str, Any]],
         seqs: list[int],
+        policies: dict[str, Any],
     ) -> int:
         now_us = self._clock.now_us()
         retention_us = self._config.idempotency_retention_s * 1_000_000
@@ -325,6 +326,7 @@ class Ledger:
                 positions=positions,
                 reservations=reservations,
                 shard_seqs=seqs,
+                policies=policies,
                 created_us=now_us,
                 request_horizon_us=now_us - retention_us,
             )

@@ -11,6 +11,7 @@ from google.protobuf import timestamp_pb2
 
 from server.engine import commands as cmd
 from server.engine.model import Reservation, ReservationState
+from server.engine.policy import Attribution, Policies
 from stockward.v1 import admin_pb2, inventory_pb2, types_pb2
 
 _STATE_TO_PROTO = {
@@ -140,7 +141,92 @@ def set_on_hand(request: admin_pb2.SetOnHandRequest) -> cmd.SetOnHand:
     )
 
 
+def set_safety_stock(request: admin_pb2.SetSafetyStockRequest) -> cmd.SetSafetyStock:
+    return cmd.SetSafetyStock(
+        actor=request.actor,
+        change_id=request.change_id,
+        levels=tuple(
+            cmd.SafetyLevel(sku=x.sku, location=x.location, units=x.quantity)
+            for x in request.levels
+        ),
+    )
+
+
+def set_channel_buffer(
+    request: admin_pb2.SetChannelBufferRequest,
+) -> cmd.SetChannelBuffer:
+    return cmd.SetChannelBuffer(
+        actor=request.actor,
+        change_id=request.change_id,
+        buffers=tuple(
+            cmd.BufferLevel(channel=x.channel, sku=x.sku, units=x.quantity)
+            for x in request.buffers
+        ),
+    )
+
+
+def set_location_group(
+    request: admin_pb2.SetLocationGroupRequest,
+) -> cmd.SetLocationGroup:
+    return cmd.SetLocationGroup(
+        actor=request.actor,
+        change_id=request.change_id,
+        name=request.group.name,
+        locations=tuple(request.group.locations),
+    )
+
+
+def set_channel_sourcing(
+    request: admin_pb2.SetChannelSourcingRequest,
+) -> cmd.SetChannelSourcing:
+    return cmd.SetChannelSourcing(
+        actor=request.actor,
+        change_id=request.change_id,
+        channel=request.sourcing.channel,
+        group=request.sourcing.location_group,
+        allow_split=request.sourcing.allow_split,
+    )
+
+
 # Results ------------------------------------------------------------------------------
+
+
+def attribution(value: Attribution) -> admin_pb2.PolicyAttribution:
+    return admin_pb2.PolicyAttribution(
+        actor=value.actor, change_id=value.change_id, changed_at=timestamp(value.at_us)
+    )
+
+
+def policies(value: Policies) -> admin_pb2.GetPoliciesResponse:
+    return admin_pb2.GetPoliciesResponse(
+        safety_stock=[
+            admin_pb2.SafetyStock(
+                sku=sku, location=location, quantity=units, attribution=attribution(a)
+            )
+            for (sku, location), (units, a) in sorted(value.safety_stock.items())
+        ],
+        buffers=[
+            admin_pb2.ChannelBuffer(
+                channel=channel, sku=sku, quantity=units, attribution=attribution(a)
+            )
+            for (channel, sku), (units, a) in sorted(value.buffers.items())
+        ],
+        location_groups=[
+            admin_pb2.LocationGroup(
+                name=name, locations=list(locations), attribution=attribution(a)
+            )
+            for name, (locations, a) in sorted(value.groups.items())
+        ],
+        sourcing=[
+            admin_pb2.ChannelSourcing(
+                channel=channel,
+                location_group=s.group,
+                allow_split=s.allow_split,
+                attribution=attribution(a),
+            )
+            for channel, (s, a) in sorted(value.sourcing.items())
+        ],
+    )
 
 
 def reservation(value: Reservation) -> types_pb2.Reservation:

@@ -10,7 +10,6 @@ from server.api.errors import abort, internal_status, status_of
 from server.clock import Clock
 from server.engine import commands as cmd
 from server.engine.commands import check_count, check_id
-from server.engine.engine import positions_total
 from server.engine.errors import EngineError, InvalidArgument, InvariantBroken
 from server.ledger import Ledger
 from server.logs import request_context
@@ -48,6 +47,14 @@ def guarded(handler: Handler[Request, Response]) -> Handler[Request, Response]:
         raise AssertionError("abort() returns only by raising")
 
     return wrapper
+
+
+def _add(total: inventory_pb2.Availability, part: inventory_pb2.Availability) -> None:
+    total.on_hand += part.on_hand
+    total.held += part.held
+    total.available_to_sell += part.available_to_sell
+    total.safety_stock += part.safety_stock
+    total.buffer += part.buffer
 
 
 def _describe(rpc: str, request: object) -> str:
@@ -169,34 +176,31 @@ class InventoryService(inventory_pb2_grpc.InventoryServiceServicer):
             length_max=engine.limits.channel_length_max,
             required=False,
         )
-        wanted = set(request.locations)
         items = []
         for sku in request.skus:
-            by_location = engine.positions_of(sku)
-            chosen = [
-                p
-                for loc, p in sorted(by_location.items())
-                if not wanted or loc in wanted
-            ]
-            on_hand, held, available = positions_total(chosen)
+            rows = engine.availability(sku, list(request.locations), request.channel)
+            total = inventory_pb2.Availability()
+            locations = []
+            for position, safety, buffer, available in rows:
+                view = inventory_pb2.Availability(
+                    on_hand=position.on_hand,
+                    held=position.held,
+                    available_to_sell=available,
+                    safety_stock=safety,
+                    buffer=buffer,
+                )
+                locations.append(
+                    inventory_pb2.LocationAvailability(
+                        location=position.location, availability=view
+                    )
+                )
+                _add(total, view)
             items.append(
                 inventory_pb2.SkuAvailability(
                     sku=sku,
-                    known=bool(by_location),
-                    total=inventory_pb2.Availability(
-                        on_hand=on_hand, held=held, available_to_sell=available
-                    ),
-                    locations=[
-                        inventory_pb2.LocationAvailability(
-                            location=p.location,
-                            availability=inventory_pb2.Availability(
-                                on_hand=p.on_hand,
-                                held=p.held,
-                                available_to_sell=p.available_to_sell,
-                            ),
-                        )
-                        for p in chosen
-                    ],
+                    known=bool(engine.positions_of(sku)),
+                    total=total,
+                    locations=locations,
                 )
             )
         return inventory_pb2.GetAvailabilityResponse(
@@ -304,3 +308,41 @@ class StockAdminService(admin_pb2_grpc.StockAdminServiceServicer):
         return admin_pb2.SetOnHandResponse(
             positions=convert.positions(result), replayed=result.replayed
         )
+
+    async def _policy(self, command: cmd.PolicyCommand) -> bool:
+        result = await self._ledger.execute(command)
+        return result.replayed
+
+    @guarded
+    async def SetSafetyStock(
+        self, request: admin_pb2.SetSafetyStockRequest, context: Context
+    ) -> admin_pb2.SetSafetyStockResponse:
+        replayed = await self._policy(convert.set_safety_stock(request))
+        return admin_pb2.SetSafetyStockResponse(replayed=replayed)
+
+    @guarded
+    async def SetChannelBuffer(
+        self, request: admin_pb2.SetChannelBufferRequest, context: Context
+    ) -> admin_pb2.SetChannelBufferResponse:
+        replayed = await self._policy(convert.set_channel_buffer(request))
+        return admin_pb2.SetChannelBufferResponse(replayed=replayed)
+
+    @guarded
+    async def SetLocationGroup(
+        self, request: admin_pb2.SetLocationGroupRequest, context: Context
+    ) -> admin_pb2.SetLocationGroupResponse:
+        replayed = await self._policy(convert.set_location_group(request))
+        return admin_pb2.SetLocationGroupResponse(replayed=replayed)
+
+    @guarded
+    async def SetChannelSourcing(
+        self, request: admin_pb2.SetChannelSourcingRequest, context: Context
+    ) -> admin_pb2.SetChannelSourcingResponse:
+        replayed = await self._policy(convert.set_channel_sourcing(request))
+        return admin_pb2.SetChannelSourcingResponse(replayed=replayed)
+
+    @guarded
+    async def GetPolicies(
+        self, request: admin_pb2.GetPoliciesRequest, context: Context
+    ) -> admin_pb2.GetPoliciesResponse:
+        return convert.policies(self._ledger.reader().policies)

@@ -114,9 +114,61 @@ class SetOnHand:
     counts: tuple[OnHandCount, ...]
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class SafetyLevel:
+    # Empty: the location's default for every sku without a level of its own.
+    sku: str
+    location: str
+    units: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SetSafetyStock:
+    actor: str
+    change_id: str
+    levels: tuple[SafetyLevel, ...]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BufferLevel:
+    channel: str
+    # Empty: the channel's default for every sku without a buffer of its own.
+    sku: str
+    units: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SetChannelBuffer:
+    actor: str
+    change_id: str
+    buffers: tuple[BufferLevel, ...]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SetLocationGroup:
+    actor: str
+    change_id: str
+    name: str
+    # In priority order; empty removes the group.
+    locations: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SetChannelSourcing:
+    actor: str
+    change_id: str
+    channel: str
+    # Empty removes the channel's default.
+    group: str
+    allow_split: bool
+
+
 ReservationCommand = Confirm | Release | Fulfill | Extend
 StockCommand = AdjustStock | SetOnHand
-Command = Reserve | ReservationCommand | StockCommand
+PolicyCommand = (
+    SetSafetyStock | SetChannelBuffer | SetLocationGroup | SetChannelSourcing
+)
+Command = Reserve | ReservationCommand | StockCommand | PolicyCommand
 
 
 # Results ------------------------------------------------------------------------------
@@ -207,7 +259,15 @@ class StockResult:
         }
 
 
-Result = ReserveResult | ReservationResult | StockResult
+@dataclasses.dataclass(frozen=True, slots=True)
+class PolicyResult:
+    replayed: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {"type": "policy"}
+
+
+Result = ReserveResult | ReservationResult | StockResult | PolicyResult
 
 
 def result_from_json(body: dict[str, Any], *, replayed: bool) -> Result:
@@ -235,6 +295,8 @@ def result_from_json(body: dict[str, Any], *, replayed: bool) -> Result:
     if body["type"] == "reservation":
         reservation = Reservation.from_json(body["reservation"])
         return ReservationResult(reservation=reservation, replayed=replayed)
+    if body["type"] == "policy":
+        return PolicyResult(replayed=replayed)
     if body["type"] == "stock":
         positions = tuple(PositionSnapshot(*fields) for fields in body["positions"])
         return StockResult(positions=positions, replayed=replayed)
@@ -249,6 +311,8 @@ def fingerprint(command: Command) -> str:
     """
     if isinstance(command, StockCommand):
         keyless: Command = dataclasses.replace(command, source_event_id="")
+    elif isinstance(command, PolicyCommand):
+        keyless = dataclasses.replace(command, change_id="")
     else:
         keyless = dataclasses.replace(command, request_id="")
     return hashlib.blake2b(repr(keyless).encode(), digest_size=16).hexdigest()
@@ -339,12 +403,6 @@ def validate_reserve_line(line: ReserveLine, *, field: str, limits: Limits) -> N
         raise InvalidArgument(
             "LOCATION_AMBIGUOUS",
             f"{field} sets both location and locations; set one",
-            field=f"{field}.location",
-        )
-    if not line.location and not line.locations:
-        raise InvalidArgument(
-            "FIELD_REQUIRED",
-            f"{field} needs a location or a locations preference list",
             field=f"{field}.location",
         )
     if line.allow_split and not line.locations:
@@ -470,3 +528,111 @@ def _validate_counts(command: SetOnHand, limits: Limits) -> None:
 def _check_position_ids(sku: str, location: str, field: str, limits: Limits) -> None:
     check_id(sku, field=f"{field}.sku", length_max=limits.sku_length_max)
     check_id(location, field=f"{field}.location", length_max=limits.location_length_max)
+
+
+def validate_policy_command(command: PolicyCommand, limits: Limits) -> None:
+    check_id(command.actor, field="actor", length_max=limits.source_length_max)
+    check_id(
+        command.change_id, field="change_id", length_max=limits.request_id_length_max
+    )
+    if isinstance(command, SetSafetyStock):
+        _validate_safety_levels(command, limits)
+    elif isinstance(command, SetChannelBuffer):
+        _validate_buffers(command, limits)
+    elif isinstance(command, SetLocationGroup):
+        _validate_group(command, limits)
+    else:
+        check_id(command.channel, field="channel", length_max=limits.channel_length_max)
+        check_id(
+            command.group,
+            field="location_group",
+            length_max=limits.location_length_max,
+            required=False,
+        )
+
+
+def _check_units(units: int, *, field: str, limits: Limits) -> None:
+    if not 0 <= units <= limits.on_hand_max:
+        raise InvalidArgument(
+            "UNITS_OUT_OF_RANGE",
+            f"{field} is {units}; it must be from 0 to {limits.on_hand_max}",
+            field=field,
+        )
+
+
+def _validate_safety_levels(command: SetSafetyStock, limits: Limits) -> None:
+    check_count(
+        len(command.levels),
+        field="levels",
+        count_max=limits.adjustments_per_request_max,
+    )
+    seen: set[tuple[str, str]] = set()
+    for index, level in enumerate(command.levels):
+        field = f"levels[{index}]"
+        check_id(
+            level.sku,
+            field=f"{field}.sku",
+            length_max=limits.sku_length_max,
+            required=False,
+        )
+        check_id(
+            level.location,
+            field=f"{field}.location",
+            length_max=limits.location_length_max,
+        )
+        _check_units(level.units, field=f"{field}.quantity", limits=limits)
+        if (level.sku, level.location) in seen:
+            raise InvalidArgument(
+                "DUPLICATE_POSITION",
+                f"{field} sets {level.sku or 'the default'}@{level.location} twice",
+                field=field,
+            )
+        seen.add((level.sku, level.location))
+
+
+def _validate_buffers(command: SetChannelBuffer, limits: Limits) -> None:
+    check_count(
+        len(command.buffers),
+        field="buffers",
+        count_max=limits.adjustments_per_request_max,
+    )
+    seen: set[tuple[str, str]] = set()
+    for index, buffer in enumerate(command.buffers):
+        field = f"buffers[{index}]"
+        check_id(
+            buffer.channel,
+            field=f"{field}.channel",
+            length_max=limits.channel_length_max,
+        )
+        check_id(
+            buffer.sku,
+            field=f"{field}.sku",
+            length_max=limits.sku_length_max,
+            required=False,
+        )
+        _check_units(buffer.units, field=f"{field}.quantity", limits=limits)
+        if (buffer.channel, buffer.sku) in seen:
+            raise InvalidArgument(
+                "DUPLICATE_BUFFER",
+                f"{field} sets {buffer.channel}/{buffer.sku or 'default'} twice",
+                field=field,
+            )
+        seen.add((buffer.channel, buffer.sku))
+
+
+def _validate_group(command: SetLocationGroup, limits: Limits) -> None:
+    check_id(command.name, field="name", length_max=limits.location_length_max)
+    if len(command.locations) > limits.locations_per_line_max:
+        check_count(
+            len(command.locations),
+            field="locations",
+            count_max=limits.locations_per_line_max,
+        )
+    for index, location in enumerate(command.locations):
+        check_id(
+            location, field=f"locations[{index}]", length_max=limits.location_length_max
+        )
+    if len(set(command.locations)) != len(command.locations):
+        raise InvalidArgument(
+            "DUPLICATE_LOCATION", "locations names a location twice", field="locations"
+        )

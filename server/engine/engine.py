@@ -17,7 +17,7 @@ import binascii
 import dataclasses
 import secrets
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from server.clock import Clock
@@ -29,6 +29,8 @@ from server.engine.commands import (
     Fulfill,
     LineQuantity,
     LineResult,
+    PolicyCommand,
+    PolicyResult,
     PositionSnapshot,
     Release,
     ReservationCommand,
@@ -38,7 +40,10 @@ from server.engine.commands import (
     ReserveOutcome,
     ReserveResult,
     Result,
+    SetChannelBuffer,
+    SetLocationGroup,
     SetOnHand,
+    SetSafetyStock,
     ShortReason,
     StockCommand,
     StockResult,
@@ -46,6 +51,7 @@ from server.engine.commands import (
     check_id,
     fingerprint,
     result_from_json,
+    validate_policy_command,
     validate_reservation_command,
     validate_reserve,
     validate_stock_command,
@@ -63,6 +69,7 @@ from server.engine.model import (
     ReservationLine,
     ReservationState,
 )
+from server.engine.policy import Attribution, Policies
 from server.engine.shard import Shard, shard_of
 
 US_PER_S = 1_000_000
@@ -172,6 +179,7 @@ class Engine:
         # Recovery bookkeeping: held per position as the records said, to compare with
         # what the recovered reservations hold.
         self._replayed_held: dict[tuple[str, str], int] = {}
+        self.policies = Policies()
 
     # Commands ---------------------------------------------------------------------------
 
@@ -185,6 +193,10 @@ class Engine:
             validate_stock_command(command, self.limits)
             key = ("src:" + command.source, command.source_event_id)
             return self._replay(key, command) or self._stock(command, key)
+        if isinstance(command, PolicyCommand):
+            validate_policy_command(command, self.limits)
+            key = ("pol:" + command.actor, command.change_id)
+            return self._replay(key, command) or self._policy(command, key)
         validate_reservation_command(command, self.limits)
         reservation = self._reservation(command.reservation_id)
         key = ("ch:" + reservation.channel, command.request_id)
@@ -227,8 +239,12 @@ class Engine:
 
     def _reserve(self, command: Reserve, key: tuple[str, str]) -> Decision:
         now_us = self._clock.now_us()
+        lines = [
+            self._sourced(line, index, command.channel)
+            for index, line in enumerate(command.lines)
+        ]
         planned: dict[int, int] = {}
-        plans = [self._plan_line(line, planned) for line in command.lines]
+        plans = [self._plan_line(line, planned, command.channel) for line in lines]
 
         is_short = any(plan.short_reason is not None for plan in plans)
         if is_short and not command.allow_partial:
@@ -266,7 +282,26 @@ class Engine:
         record = self._record(reservation, "reserve", fx, now_us)
         return self._decision(key, command, result, record=record, gains=[])
 
-    def _plan_line(self, line: ReserveLine, planned: dict[int, int]) -> _LinePlan:
+    def _sourced(self, line: ReserveLine, index: int, channel: str) -> ReserveLine:
+        """A line without a location draws from its channel's default group."""
+        if line.candidates:
+            return line
+        sourcing = self.policies.sourcing_of(channel)
+        if sourcing is None:
+            raise FailedPrecondition(
+                "CHANNEL_HAS_NO_SOURCING",
+                f"lines[{index}] names no location and channel {channel} has no "
+                "default location group",
+                field=f"lines[{index}].location",
+            )
+        default, locations = sourcing
+        return dataclasses.replace(
+            line, locations=locations, allow_split=default.allow_split
+        )
+
+    def _plan_line(
+        self, line: ReserveLine, planned: dict[int, int], channel: str
+    ) -> _LinePlan:
         """Choose where one line is held; `planned` tracks what earlier lines took."""
         shard = self.shards[shard_of(line.sku, len(self.shards))]
         by_location = shard.positions.get(line.sku)
@@ -279,7 +314,8 @@ class Engine:
         for location in line.candidates:
             position = by_location.get(location)
             if position is not None:
-                free = position.available_to_sell - planned.get(id(position), 0)
+                free = self.policies.available(position, channel)
+                free -= planned.get(id(position), 0)
                 offers.append((position, max(0, free)))
 
         takes = self._choose(line, offers)
@@ -654,21 +690,91 @@ class Engine:
         position = self.shards[shard_of(sku, len(self.shards))].position(sku, location)
         return position.on_hand if position else 0
 
-    @staticmethod
     def _snapshot(
-        position: Position, *, pending: list[tuple[Position, int]]
+        self, position: Position, *, pending: list[tuple[Position, int]]
     ) -> PositionSnapshot:
         """The position as it will stand once this command's writes are durable."""
         gain = sum(quantity for p, quantity in pending if p is position)
+        free = position.on_hand - position.held - position.withheld + gain
+        free -= self.policies.safety(position.sku, position.location)
         return PositionSnapshot(
             sku=position.sku,
             location=position.location,
             on_hand=position.on_hand,
             held=position.held,
-            available_to_sell=max(
-                0, position.on_hand - position.held - position.withheld + gain
-            ),
+            available_to_sell=max(0, free),
         )
+
+    # Policies ---------------------------------------------------------------------------
+
+    def _policy(self, command: PolicyCommand, key: tuple[str, str]) -> Decision:
+        now_us = self._clock.now_us()
+        change = self._policy_change(command)
+
+        attribution = Attribution(command.actor, command.change_id, now_us)
+        self.policies.apply(change, attribution)
+        # Shard 0 carries every policy record, so they replay in the order made.
+        shard = self.shards[0]
+        body = {
+            "policy": change,
+            "actor": command.actor,
+            "change_id": command.change_id,
+            "at_us": now_us,
+        }
+        record = WalRecord(0, shard.take_seq(), "policy", "", body, now_us)
+        return self._decision(key, command, PolicyResult(), record=record, gains=[])
+
+    def _policy_change(self, command: PolicyCommand) -> dict[str, Any]:
+        """The change as recorded, after checks against the policies in force."""
+        if isinstance(command, SetSafetyStock):
+            levels = [[x.sku, x.location, x.units] for x in command.levels]
+            return {"kind": "safety_stock", "levels": levels}
+        if isinstance(command, SetChannelBuffer):
+            buffers = [[x.channel, x.sku, x.units] for x in command.buffers]
+            return {"kind": "buffer", "buffers": buffers}
+        if isinstance(command, SetLocationGroup):
+            if not command.locations and command.name in self.policies.groups_in_use():
+                raise FailedPrecondition(
+                    "GROUP_IN_USE",
+                    f"location group {command.name} is a channel's sourcing default",
+                    field="name",
+                )
+            return {
+                "kind": "group",
+                "name": command.name,
+                "locations": list(command.locations),
+            }
+        if command.group and command.group not in self.policies.groups:
+            raise FailedPrecondition(
+                "GROUP_UNKNOWN",
+                f"no location group {command.group}",
+                field="location_group",
+            )
+        return {
+            "kind": "sourcing",
+            "channel": command.channel,
+            "group": command.group,
+            "allow_split": command.allow_split,
+        }
+
+    def availability(
+        self, sku: str, locations: list[str], channel: str
+    ) -> list[tuple[Position, int, int, int]]:
+        """(position, safety stock, buffer, available to the channel) per location."""
+        wanted = set(locations)
+        rows = []
+        for location, position in sorted(self.positions_of(sku).items()):
+            if wanted and location not in wanted:
+                continue
+            rows.append(
+                (
+                    position,
+                    self.policies.safety(sku, location),
+                    self.policies.buffer(channel, sku),
+                    self.policies.available(position, channel),
+                )
+            )
+        return rows
 
     # Idempotency and records ------------------------------------------------------------
 
@@ -849,8 +955,11 @@ class Engine:
 
     def checkpoint_rows(
         self,
-    ) -> tuple[list[tuple[str, str, int, int]], list[dict[str, Any]], list[int]]:
-        """State to checkpoint: positions, reservations and the last seq per shard.
+    ) -> tuple[
+        list[tuple[str, str, int, int]], list[dict[str, Any]], list[int], dict[str, Any]
+    ]:
+        """State to checkpoint: positions, reservations, the last seq per shard and
+        the policies.
 
         Only meaningful when nothing is in flight: every decided record durable, so no
         gain is withheld and the sequences cover exactly the state shown.
@@ -864,7 +973,7 @@ class Engine:
             )
         reservations = [r.to_json() for r in self.reservations.values()]
         seqs = [shard.next_seq - 1 for shard in self.shards]
-        return positions, reservations, seqs
+        return positions, reservations, seqs, self.policies.to_json()
 
     def restore_position(
         self, sku: str, location: str, on_hand: int, held: int
@@ -878,6 +987,9 @@ class Engine:
     def restore_reservation(self, body: dict[str, Any]) -> None:
         reservation = Reservation.from_json(body)
         self.reservations[reservation.reservation_id] = reservation
+
+    def restore_policies(self, body: dict[str, Any]) -> None:
+        self.policies = Policies.from_json(body)
 
     def restore_seq(self, shard: int, last_seq: int) -> None:
         self.shards[shard].next_seq = last_seq + 1
@@ -899,6 +1011,9 @@ class Engine:
             self.locations.add(location)
         if "rsv" in body:
             self.restore_reservation(body["rsv"])
+        if "policy" in body:
+            attribution = Attribution(body["actor"], body["change_id"], body["at_us"])
+            self.policies.apply(body["policy"], attribution)
 
     def restore_request(
         self,
@@ -964,12 +1079,3 @@ def _decode_page_token(token: str) -> tuple[int, str] | None:
             "page_token was not issued by this server",
             field="page_token",
         ) from error
-
-
-def positions_total(positions: Iterable[Position]) -> tuple[int, int, int]:
-    on_hand = held = available = 0
-    for position in positions:
-        on_hand += position.on_hand
-        held += position.held
-        available += position.available_to_sell
-    return on_hand, held, available

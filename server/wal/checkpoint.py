@@ -24,6 +24,7 @@ async def store_checkpoint(
     positions: list[tuple[str, str, int, int]],
     reservations: list[dict[str, Any]],
     shard_seqs: list[int],
+    policies: dict[str, Any],
     created_us: int,
     request_horizon_us: int,
 ) -> int:
@@ -32,9 +33,11 @@ async def store_checkpoint(
     started = time.perf_counter()
     async with conn.transaction():
         checkpoint_id: int = await conn.fetchval(
-            "INSERT INTO checkpoints (created_us, shard_seqs) VALUES ($1, $2) RETURNING id",
+            "INSERT INTO checkpoints (created_us, shard_seqs, policies) "
+            "VALUES ($1, $2, $3) RETURNING id",
             created_us,
             shard_seqs,
+            json.dumps(policies),
         )
         await conn.copy_records_to_table(
             "checkpoint_positions",

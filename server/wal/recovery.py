@@ -122,7 +122,8 @@ async def _load_checkpoint(
     conn: asyncpg.Connection, engine: Engine, shard_count: int
 ) -> list[int]:
     checkpoint = await conn.fetchrow(
-        "SELECT id, shard_seqs FROM checkpoints WHERE complete ORDER BY id DESC LIMIT 1"
+        "SELECT id, shard_seqs, policies FROM checkpoints WHERE complete "
+        "ORDER BY id DESC LIMIT 1"
     )
     if checkpoint is None:
         return [0] * shard_count
@@ -143,6 +144,7 @@ async def _load_checkpoint(
     )
     async for row in reservations:
         engine.restore_reservation(json.loads(row["body"]))
+    engine.restore_policies(json.loads(checkpoint["policies"]))
     seqs: list[int] = list(checkpoint["shard_seqs"])
     for shard, seq in enumerate(seqs):
         engine.restore_seq(shard, seq)

@@ -51,6 +51,7 @@ CREATE TABLE IF NOT EXISTS checkpoints (
     shard_seqs bigint[] NOT NULL,
     complete boolean NOT NULL DEFAULT false
 );
+ALTER TABLE checkpoints ADD COLUMN IF NOT EXISTS policies jsonb NOT NULL DEFAULT '{}';
 CREATE TABLE IF NOT EXISTS checkpoint_positions (
     checkpoint_id bigint NOT NULL REFERENCES checkpoints (id) ON DELETE CASCADE,
     sku text NOT NULL,

@@ -141,7 +141,12 @@ CASES = [
     case(
         bad_line(locations=["DC"]), INVALID, "LOCATION_AMBIGUOUS", "lines[0].location"
     ),
-    case(bad_line(location=""), INVALID, "FIELD_REQUIRED", "lines[0].location"),
+    case(
+        bad_line(location=""),
+        PRECONDITION,
+        "CHANNEL_HAS_NO_SOURCING",
+        "lines[0].location",
+    ),
     case(
         bad_line(location=too_long(64)), INVALID, "FIELD_TOO_LONG", "lines[0].location"
     ),

@@ -208,6 +208,7 @@ class ReferenceModel:
             keyless = dataclasses.replace(command, request_id="")
             return self._once(key, keyless, lambda: self._reserve(command, now_us))
 
+        assert isinstance(command, Confirm | Release | Fulfill | Extend)
         # A change is keyed in the channel of the reservation it names, so an unknown
         # reservation is refused before its key is looked at.
         reservation = self.reservations.get(command.reservation_id)

@@ -773,7 +773,9 @@ def _restore(
     positions: list[Any],
     reservations: list[dict[str, Any]],
     seqs: list[int],
+    policies: dict[str, Any] | None = None,
 ) -> None:
+    engine.restore_policies(policies or {})
     for sku, location, on_hand, held in positions:
         engine.restore_position(sku, location, on_hand, held)
     for body in reservations:
@@ -813,7 +815,7 @@ def test_recovery_stops_when_records_disagree_about_held(
 ) -> None:
     stock(engine, (A, L1, 5))
     hold(engine, A, L1, 2)
-    positions, reservations, seqs = _round_trip(engine.checkpoint_rows())
+    positions, reservations, seqs, _ = _round_trip(engine.checkpoint_rows())
     positions[0][3] += 1
 
     recovered = new_engine(clock)
@@ -863,7 +865,7 @@ def test_recovery_stops_when_a_reservation_holds_an_unknown_position(
 ) -> None:
     stock(engine, (A, L1, 5))
     hold(engine, A, L1, 2)
-    _, reservations, seqs = _round_trip(engine.checkpoint_rows())
+    _, reservations, seqs, _ = _round_trip(engine.checkpoint_rows())
 
     recovered = new_engine(clock)
     _restore(recovered, [], reservations, seqs)

@@ -39,6 +39,7 @@ from server.engine.commands import (
     Fulfill,
     LineQuantity,
     OnHandCount,
+    PolicyCommand,
     Release,
     ReservationResult,
     Reserve,
@@ -412,6 +413,7 @@ class Comparison:
             return dataclasses.replace(
                 fresh, source=earlier.source, source_event_id=earlier.source_event_id
             )
+        assert not isinstance(earlier, PolicyCommand)
         if self.rng.random() < 0.5:
             channel = earlier.channel if isinstance(earlier, Reserve) else ""
             return self.reserve(channel=channel, request_id=earlier.request_id)
@@ -569,15 +571,17 @@ class Checkpoint:
     positions: list[list[Any]]
     reservations: list[dict[str, Any]]
     seqs: list[int]
+    policies: dict[str, Any]
     records_before: int
 
 
 def take_checkpoint(comparison: Comparison) -> Checkpoint:
-    positions, reservations, seqs = comparison.engine.checkpoint_rows()
+    positions, reservations, seqs, policies = comparison.engine.checkpoint_rows()
     return Checkpoint(
         positions=json_round_trip(positions),
         reservations=json_round_trip(reservations),
         seqs=json_round_trip(seqs),
+        policies=json_round_trip(policies),
         records_before=len(comparison.journal.records),
     )
 
@@ -589,6 +593,7 @@ def recover(comparison: Comparison, checkpoint: Checkpoint) -> Engine:
         clock=comparison.clock,
         new_id=IdSource(start=comparison.ids.next),
     )
+    engine.restore_policies(checkpoint.policies)
     for sku, location, on_hand, held in checkpoint.positions:
         engine.restore_position(sku, location, on_hand, held)
     for body in checkpoint.reservations:

@@ -105,12 +105,6 @@ INVALID: list[tuple[str, Command, str, str]] = [
         "LOCATION_AMBIGUOUS",
     ),
     (
-        "no location",
-        _reserve(_line(location="")),
-        "lines[0].location",
-        "FIELD_REQUIRED",
-    ),
-    (
         "split one location",
         _reserve(_line(allow_split=True)),
         "lines[0].allow_split",

@@ -22,31 +22,62 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18stockward/v1/admin.proto\x12\x0cstockward.v1\"o\n\x0fStockAdjustment\x12\x0b\n\x03sku\x18\x01 \x01(\t\x12\x10\n\x08location\x18\x02 \x01(\t\x12\r\n\x05\x64\x65lta\x18\x03 \x01(\x03\x12.\n\x06reason\x18\x04 \x01(\x0e\x32\x1e.stockward.v1.AdjustmentReason\"q\n\x12\x41\x64justStockRequest\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x17\n\x0fsource_event_id\x18\x02 \x01(\t\x12\x32\n\x0b\x61\x64justments\x18\x03 \x03(\x0b\x32\x1d.stockward.v1.StockAdjustment\"k\n\x10PositionSnapshot\x12\x0b\n\x03sku\x18\x01 \x01(\t\x12\x10\n\x08location\x18\x02 \x01(\t\x12\x0f\n\x07on_hand\x18\x03 \x01(\x03\x12\x0c\n\x04held\x18\x04 \x01(\x03\x12\x19\n\x11\x61vailable_to_sell\x18\x05 \x01(\x03\"Z\n\x13\x41\x64justStockResponse\x12\x31\n\tpositions\x18\x01 \x03(\x0b\x32\x1e.stockward.v1.PositionSnapshot\x12\x10\n\x08replayed\x18\x02 \x01(\x08\"=\n\x0bOnHandCount\x12\x0b\n\x03sku\x18\x01 \x01(\t\x12\x10\n\x08location\x18\x02 \x01(\t\x12\x0f\n\x07on_hand\x18\x03 \x01(\x03\"f\n\x10SetOnHandRequest\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x17\n\x0fsource_event_id\x18\x02 \x01(\t\x12)\n\x06\x63ounts\x18\x03 \x03(\x0b\x32\x19.stockward.v1.OnHandCount\"X\n\x11SetOnHandResponse\x12\x31\n\tpositions\x18\x01 \x03(\x0b\x32\x1e.stockward.v1.PositionSnapshot\x12\x10\n\x08replayed\x18\x02 \x01(\x08*\x81\x02\n\x10\x41\x64justmentReason\x12!\n\x1d\x41\x44JUSTMENT_REASON_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x41\x44JUSTMENT_REASON_RECEIPT\x10\x01\x12\x1e\n\x1a\x41\x44JUSTMENT_REASON_POS_SALE\x10\x02\x12&\n\"ADJUSTMENT_REASON_COUNT_CORRECTION\x10\x03\x12\x1c\n\x18\x41\x44JUSTMENT_REASON_DAMAGE\x10\x04\x12%\n!ADJUSTMENT_REASON_RETURN_TO_STOCK\x10\x05\x12\x1e\n\x1a\x41\x44JUSTMENT_REASON_TRANSFER\x10\x06\x32\xb5\x01\n\x11StockAdminService\x12R\n\x0b\x41\x64justStock\x12 .stockward.v1.AdjustStockRequest\x1a!.stockward.v1.AdjustStockResponse\x12L\n\tSetOnHand\x12\x1e.stockward.v1.SetOnHandRequest\x1a\x1f.stockward.v1.SetOnHandResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18stockward/v1/admin.proto\x12\x0cstockward.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"o\n\x0fStockAdjustment\x12\x0b\n\x03sku\x18\x01 \x01(\t\x12\x10\n\x08location\x18\x02 \x01(\t\x12\r\n\x05\x64\x65lta\x18\x03 \x01(\x03\x12.\n\x06reason\x18\x04 \x01(\x0e\x32\x1e.stockward.v1.AdjustmentReason\"q\n\x12\x41\x64justStockRequest\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x17\n\x0fsource_event_id\x18\x02 \x01(\t\x12\x32\n\x0b\x61\x64justments\x18\x03 \x03(\x0b\x32\x1d.stockward.v1.StockAdjustment\"k\n\x10PositionSnapshot\x12\x0b\n\x03sku\x18\x01 \x01(\t\x12\x10\n\x08location\x18\x02 \x01(\t\x12\x0f\n\x07on_hand\x18\x03 \x01(\x03\x12\x0c\n\x04held\x18\x04 \x01(\x03\x12\x19\n\x11\x61vailable_to_sell\x18\x05 \x01(\x03\"Z\n\x13\x41\x64justStockResponse\x12\x31\n\tpositions\x18\x01 \x03(\x0b\x32\x1e.stockward.v1.PositionSnapshot\x12\x10\n\x08replayed\x18\x02 \x01(\x08\"=\n\x0bOnHandCount\x12\x0b\n\x03sku\x18\x01 \x01(\t\x12\x10\n\x08location\x18\x02 \x01(\t\x12\x0f\n\x07on_hand\x18\x03 \x01(\x03\"f\n\x10SetOnHandRequest\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x17\n\x0fsource_event_id\x18\x02 \x01(\t\x12)\n\x06\x63ounts\x18\x03 \x03(\x0b\x32\x19.stockward.v1.OnHandCount\"X\n\x11SetOnHandResponse\x12\x31\n\tpositions\x18\x01 \x03(\x0b\x32\x1e.stockward.v1.PositionSnapshot\x12\x10\n\x08replayed\x18\x02 \x01(\x08\"e\n\x11PolicyAttribution\x12\r\n\x05\x61\x63tor\x18\x01 \x01(\t\x12\x11\n\tchange_id\x18\x02 \x01(\t\x12.\n\nchanged_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"t\n\x0bSafetyStock\x12\x0b\n\x03sku\x18\x01 \x01(\t\x12\x10\n\x08location\x18\x02 \x01(\t\x12\x10\n\x08quantity\x18\x03 \x01(\x03\x12\x34\n\x0b\x61ttribution\x18\x04 \x01(\x0b\x32\x1f.stockward.v1.PolicyAttribution\"d\n\x15SetSafetyStockRequest\x12\r\n\x05\x61\x63tor\x18\x01 \x01(\t\x12\x11\n\tchange_id\x18\x02 \x01(\t\x12)\n\x06levels\x18\x03 \x03(\x0b\x32\x19.stockward.v1.SafetyStock\"*\n\x16SetSafetyStockResponse\x12\x10\n\x08replayed\x18\x01 \x01(\x08\"u\n\rChannelBuffer\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12\x0b\n\x03sku\x18\x02 \x01(\t\x12\x10\n\x08quantity\x18\x03 \x01(\x03\x12\x34\n\x0b\x61ttribution\x18\x04 \x01(\x0b\x32\x1f.stockward.v1.PolicyAttribution\"i\n\x17SetChannelBufferRequest\x12\r\n\x05\x61\x63tor\x18\x01 \x01(\t\x12\x11\n\tchange_id\x18\x02 \x01(\t\x12,\n\x07\x62uffers\x18\x03 \x03(\x0b\x32\x1b.stockward.v1.ChannelBuffer\",\n\x18SetChannelBufferResponse\x12\x10\n\x08replayed\x18\x01 \x01(\x08\"f\n\rLocationGroup\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tlocations\x18\x02 \x03(\t\x12\x34\n\x0b\x61ttribution\x18\x03 \x01(\x0b\x32\x1f.stockward.v1.PolicyAttribution\"g\n\x17SetLocationGroupRequest\x12\r\n\x05\x61\x63tor\x18\x01 \x01(\t\x12\x11\n\tchange_id\x18\x02 \x01(\t\x12*\n\x05group\x18\x03 \x01(\x0b\x32\x1b.stockward.v1.LocationGroup\",\n\x18SetLocationGroupResponse\x12\x10\n\x08replayed\x18\x01 \x01(\x08\"\x85\x01\n\x0f\x43hannelSourcing\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12\x16\n\x0elocation_group\x18\x02 \x01(\t\x12\x13\n\x0b\x61llow_split\x18\x03 \x01(\x08\x12\x34\n\x0b\x61ttribution\x18\x04 \x01(\x0b\x32\x1f.stockward.v1.PolicyAttribution\"n\n\x19SetChannelSourcingRequest\x12\r\n\x05\x61\x63tor\x18\x01 \x01(\t\x12\x11\n\tchange_id\x18\x02 \x01(\t\x12/\n\x08sourcing\x18\x03 \x01(\x0b\x32\x1d.stockward.v1.ChannelSourcing\".\n\x1aSetChannelSourcingResponse\x12\x10\n\x08replayed\x18\x01 \x01(\x08\"\x14\n\x12GetPoliciesRequest\"\xdb\x01\n\x13GetPoliciesResponse\x12/\n\x0csafety_stock\x18\x01 \x03(\x0b\x32\x19.stockward.v1.SafetyStock\x12,\n\x07\x62uffers\x18\x02 \x03(\x0b\x32\x1b.stockward.v1.ChannelBuffer\x12\x34\n\x0flocation_groups\x18\x03 \x03(\x0b\x32\x1b.stockward.v1.LocationGroup\x12/\n\x08sourcing\x18\x04 \x03(\x0b\x32\x1d.stockward.v1.ChannelSourcing*\x81\x02\n\x10\x41\x64justmentReason\x12!\n\x1d\x41\x44JUSTMENT_REASON_UNSPECIFIED\x10\x00\x12\x1d\n\x19\x41\x44JUSTMENT_REASON_RECEIPT\x10\x01\x12\x1e\n\x1a\x41\x44JUSTMENT_REASON_POS_SALE\x10\x02\x12&\n\"ADJUSTMENT_REASON_COUNT_CORRECTION\x10\x03\x12\x1c\n\x18\x41\x44JUSTMENT_REASON_DAMAGE\x10\x04\x12%\n!ADJUSTMENT_REASON_RETURN_TO_STOCK\x10\x05\x12\x1e\n\x1a\x41\x44JUSTMENT_REASON_TRANSFER\x10\x06\x32\x95\x05\n\x11StockAdminService\x12R\n\x0b\x41\x64justStock\x12 .stockward.v1.AdjustStockRequest\x1a!.stockward.v1.AdjustStockResponse\x12L\n\tSetOnHand\x12\x1e.stockward.v1.SetOnHandRequest\x1a\x1f.stockward.v1.SetOnHandResponse\x12[\n\x0eSetSafetyStock\x12#.stockward.v1.SetSafetyStockRequest\x1a$.stockward.v1.SetSafetyStockResponse\x12\x61\n\x10SetChannelBuffer\x12%.stockward.v1.SetChannelBufferRequest\x1a&.stockward.v1.SetChannelBufferResponse\x12\x61\n\x10SetLocationGroup\x12%.stockward.v1.SetLocationGroupRequest\x1a&.stockward.v1.SetLocationGroupResponse\x12g\n\x12SetChannelSourcing\x12\'.stockward.v1.SetChannelSourcingRequest\x1a(.stockward.v1.SetChannelSourcingResponse\x12R\n\x0bGetPolicies\x12 .stockward.v1.GetPoliciesRequest\x1a!.stockward.v1.GetPoliciesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'stockward.v1.admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ADJUSTMENTREASON']._serialized_start=729
-  _globals['_ADJUSTMENTREASON']._serialized_end=986
-  _globals['_STOCKADJUSTMENT']._serialized_start=42
-  _globals['_STOCKADJUSTMENT']._serialized_end=153
-  _globals['_ADJUSTSTOCKREQUEST']._serialized_start=155
-  _globals['_ADJUSTSTOCKREQUEST']._serialized_end=268
-  _globals['_POSITIONSNAPSHOT']._serialized_start=270
-  _globals['_POSITIONSNAPSHOT']._serialized_end=377
-  _globals['_ADJUSTSTOCKRESPONSE']._serialized_start=379
-  _globals['_ADJUSTSTOCKRESPONSE']._serialized_end=469
-  _globals['_ONHANDCOUNT']._serialized_start=471
-  _globals['_ONHANDCOUNT']._serialized_end=532
-  _globals['_SETONHANDREQUEST']._serialized_start=534
-  _globals['_SETONHANDREQUEST']._serialized_end=636
-  _globals['_SETONHANDRESPONSE']._serialized_start=638
-  _globals['_SETONHANDRESPONSE']._serialized_end=726
-  _globals['_STOCKADMINSERVICE']._serialized_start=989
-  _globals['_STOCKADMINSERVICE']._serialized_end=1170
+  _globals['_ADJUSTMENTREASON']._serialized_start=2196
+  _globals['_ADJUSTMENTREASON']._serialized_end=2453
+  _globals['_STOCKADJUSTMENT']._serialized_start=75
+  _globals['_STOCKADJUSTMENT']._serialized_end=186
+  _globals['_ADJUSTSTOCKREQUEST']._serialized_start=188
+  _globals['_ADJUSTSTOCKREQUEST']._serialized_end=301
+  _globals['_POSITIONSNAPSHOT']._serialized_start=303
+  _globals['_POSITIONSNAPSHOT']._serialized_end=410
+  _globals['_ADJUSTSTOCKRESPONSE']._serialized_start=412
+  _globals['_ADJUSTSTOCKRESPONSE']._serialized_end=502
+  _globals['_ONHANDCOUNT']._serialized_start=504
+  _globals['_ONHANDCOUNT']._serialized_end=565
+  _globals['_SETONHANDREQUEST']._serialized_start=567
+  _globals['_SETONHANDREQUEST']._serialized_end=669
+  _globals['_SETONHANDRESPONSE']._serialized_start=671
+  _globals['_SETONHANDRESPONSE']._serialized_end=759
+  _globals['_POLICYATTRIBUTION']._serialized_start=761
+  _globals['_POLICYATTRIBUTION']._serialized_end=862
+  _globals['_SAFETYSTOCK']._serialized_start=864
+  _globals['_SAFETYSTOCK']._serialized_end=980
+  _globals['_SETSAFETYSTOCKREQUEST']._serialized_start=982
+  _globals['_SETSAFETYSTOCKREQUEST']._serialized_end=1082
+  _globals['_SETSAFETYSTOCKRESPONSE']._serialized_start=1084
+  _globals['_SETSAFETYSTOCKRESPONSE']._serialized_end=1126
+  _globals['_CHANNELBUFFER']._serialized_start=1128
+  _globals['_CHANNELBUFFER']._serialized_end=1245
+  _globals['_SETCHANNELBUFFERREQUEST']._serialized_start=1247
+  _globals['_SETCHANNELBUFFERREQUEST']._serialized_end=1352
+  _globals['_SETCHANNELBUFFERRESPONSE']._serialized_start=1354
+  _globals['_SETCHANNELBUFFERRESPONSE']._serialized_end=1398
+  _globals['_LOCATIONGROUP']._serialized_start=1400
+  _globals['_LOCATIONGROUP']._serialized_end=1502
+  _globals['_SETLOCATIONGROUPREQUEST']._serialized_start=1504
+  _globals['_SETLOCATIONGROUPREQUEST']._serialized_end=1607
+  _globals['_SETLOCATIONGROUPRESPONSE']._serialized_start=1609
+  _globals['_SETLOCATIONGROUPRESPONSE']._serialized_end=1653
+  _globals['_CHANNELSOURCING']._serialized_start=1656
+  _globals['_CHANNELSOURCING']._serialized_end=1789
+  _globals['_SETCHANNELSOURCINGREQUEST']._serialized_start=1791
+  _globals['_SETCHANNELSOURCINGREQUEST']._serialized_end=1901
+  _globals['_SETCHANNELSOURCINGRESPONSE']._serialized_start=1903
+  _globals['_SETCHANNELSOURCINGRESPONSE']._serialized_end=1949
+  _globals['_GETPOLICIESREQUEST']._serialized_start=1951
+  _globals['_GETPOLICIESREQUEST']._serialized_end=1971
+  _globals['_GETPOLICIESRESPONSE']._serialized_start=1974
+  _globals['_GETPOLICIESRESPONSE']._serialized_end=2193
+  _globals['_STOCKADMINSERVICE']._serialized_start=2456
+  _globals['_STOCKADMINSERVICE']._serialized_end=3117
 # @@protoc_insertion_point(module_scope)

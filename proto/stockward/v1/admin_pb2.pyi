@@ -8,6 +8,7 @@ is physically on hand.
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
@@ -233,3 +234,382 @@ class SetOnHandResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SetOnHandResponse: _TypeAlias = SetOnHandResponse  # noqa: Y015
+
+@_typing.final
+class PolicyAttribution(_message.Message):
+    """Who changed a policy and when; set by the server."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACTOR_FIELD_NUMBER: _builtins.int
+    CHANGE_ID_FIELD_NUMBER: _builtins.int
+    CHANGED_AT_FIELD_NUMBER: _builtins.int
+    actor: _builtins.str
+    change_id: _builtins.str
+    @_builtins.property
+    def changed_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        actor: _builtins.str = ...,
+        change_id: _builtins.str = ...,
+        changed_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["changed_at", b"changed_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "change_id", b"change_id", "changed_at", b"changed_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PolicyAttribution: _TypeAlias = PolicyAttribution  # noqa: Y015
+
+@_typing.final
+class SafetyStock(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SKU_FIELD_NUMBER: _builtins.int
+    LOCATION_FIELD_NUMBER: _builtins.int
+    QUANTITY_FIELD_NUMBER: _builtins.int
+    ATTRIBUTION_FIELD_NUMBER: _builtins.int
+    sku: _builtins.str
+    """Empty: the location's default for skus without a level of their own."""
+    location: _builtins.str
+    quantity: _builtins.int
+    """0 removes the level."""
+    @_builtins.property
+    def attribution(self) -> Global___PolicyAttribution: ...
+    def __init__(
+        self,
+        *,
+        sku: _builtins.str = ...,
+        location: _builtins.str = ...,
+        quantity: _builtins.int = ...,
+        attribution: Global___PolicyAttribution | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["attribution", b"attribution"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attribution", b"attribution", "location", b"location", "quantity", b"quantity", "sku", b"sku"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SafetyStock: _TypeAlias = SafetyStock  # noqa: Y015
+
+@_typing.final
+class SetSafetyStockRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACTOR_FIELD_NUMBER: _builtins.int
+    CHANGE_ID_FIELD_NUMBER: _builtins.int
+    LEVELS_FIELD_NUMBER: _builtins.int
+    actor: _builtins.str
+    """Who makes the change (a person or system), recorded with it."""
+    change_id: _builtins.str
+    """Idempotency key per actor."""
+    @_builtins.property
+    def levels(self) -> _containers.RepeatedCompositeFieldContainer[Global___SafetyStock]: ...
+    def __init__(
+        self,
+        *,
+        actor: _builtins.str = ...,
+        change_id: _builtins.str = ...,
+        levels: _abc.Iterable[Global___SafetyStock] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "change_id", b"change_id", "levels", b"levels"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetSafetyStockRequest: _TypeAlias = SetSafetyStockRequest  # noqa: Y015
+
+@_typing.final
+class SetSafetyStockResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    replayed: _builtins.bool
+    def __init__(
+        self,
+        *,
+        replayed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["replayed", b"replayed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetSafetyStockResponse: _TypeAlias = SetSafetyStockResponse  # noqa: Y015
+
+@_typing.final
+class ChannelBuffer(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    SKU_FIELD_NUMBER: _builtins.int
+    QUANTITY_FIELD_NUMBER: _builtins.int
+    ATTRIBUTION_FIELD_NUMBER: _builtins.int
+    channel: _builtins.str
+    sku: _builtins.str
+    """Empty: the channel's default for skus without a buffer of their own."""
+    quantity: _builtins.int
+    """Held back at every location the channel draws from; 0 removes the buffer."""
+    @_builtins.property
+    def attribution(self) -> Global___PolicyAttribution: ...
+    def __init__(
+        self,
+        *,
+        channel: _builtins.str = ...,
+        sku: _builtins.str = ...,
+        quantity: _builtins.int = ...,
+        attribution: Global___PolicyAttribution | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["attribution", b"attribution"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attribution", b"attribution", "channel", b"channel", "quantity", b"quantity", "sku", b"sku"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChannelBuffer: _TypeAlias = ChannelBuffer  # noqa: Y015
+
+@_typing.final
+class SetChannelBufferRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACTOR_FIELD_NUMBER: _builtins.int
+    CHANGE_ID_FIELD_NUMBER: _builtins.int
+    BUFFERS_FIELD_NUMBER: _builtins.int
+    actor: _builtins.str
+    change_id: _builtins.str
+    @_builtins.property
+    def buffers(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChannelBuffer]: ...
+    def __init__(
+        self,
+        *,
+        actor: _builtins.str = ...,
+        change_id: _builtins.str = ...,
+        buffers: _abc.Iterable[Global___ChannelBuffer] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "buffers", b"buffers", "change_id", b"change_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetChannelBufferRequest: _TypeAlias = SetChannelBufferRequest  # noqa: Y015
+
+@_typing.final
+class SetChannelBufferResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    replayed: _builtins.bool
+    def __init__(
+        self,
+        *,
+        replayed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["replayed", b"replayed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetChannelBufferResponse: _TypeAlias = SetChannelBufferResponse  # noqa: Y015
+
+@_typing.final
+class LocationGroup(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    LOCATIONS_FIELD_NUMBER: _builtins.int
+    ATTRIBUTION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    @_builtins.property
+    def locations(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """In priority order."""
+
+    @_builtins.property
+    def attribution(self) -> Global___PolicyAttribution: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        locations: _abc.Iterable[_builtins.str] | None = ...,
+        attribution: Global___PolicyAttribution | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["attribution", b"attribution"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attribution", b"attribution", "locations", b"locations", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LocationGroup: _TypeAlias = LocationGroup  # noqa: Y015
+
+@_typing.final
+class SetLocationGroupRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACTOR_FIELD_NUMBER: _builtins.int
+    CHANGE_ID_FIELD_NUMBER: _builtins.int
+    GROUP_FIELD_NUMBER: _builtins.int
+    actor: _builtins.str
+    change_id: _builtins.str
+    @_builtins.property
+    def group(self) -> Global___LocationGroup: ...
+    def __init__(
+        self,
+        *,
+        actor: _builtins.str = ...,
+        change_id: _builtins.str = ...,
+        group: Global___LocationGroup | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["group", b"group"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "change_id", b"change_id", "group", b"group"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetLocationGroupRequest: _TypeAlias = SetLocationGroupRequest  # noqa: Y015
+
+@_typing.final
+class SetLocationGroupResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    replayed: _builtins.bool
+    def __init__(
+        self,
+        *,
+        replayed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["replayed", b"replayed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetLocationGroupResponse: _TypeAlias = SetLocationGroupResponse  # noqa: Y015
+
+@_typing.final
+class ChannelSourcing(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    LOCATION_GROUP_FIELD_NUMBER: _builtins.int
+    ALLOW_SPLIT_FIELD_NUMBER: _builtins.int
+    ATTRIBUTION_FIELD_NUMBER: _builtins.int
+    channel: _builtins.str
+    location_group: _builtins.str
+    """Empty removes the channel's default."""
+    allow_split: _builtins.bool
+    """Split a line across the group's locations when no single one covers it."""
+    @_builtins.property
+    def attribution(self) -> Global___PolicyAttribution: ...
+    def __init__(
+        self,
+        *,
+        channel: _builtins.str = ...,
+        location_group: _builtins.str = ...,
+        allow_split: _builtins.bool = ...,
+        attribution: Global___PolicyAttribution | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["attribution", b"attribution"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allow_split", b"allow_split", "attribution", b"attribution", "channel", b"channel", "location_group", b"location_group"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChannelSourcing: _TypeAlias = ChannelSourcing  # noqa: Y015
+
+@_typing.final
+class SetChannelSourcingRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACTOR_FIELD_NUMBER: _builtins.int
+    CHANGE_ID_FIELD_NUMBER: _builtins.int
+    SOURCING_FIELD_NUMBER: _builtins.int
+    actor: _builtins.str
+    change_id: _builtins.str
+    @_builtins.property
+    def sourcing(self) -> Global___ChannelSourcing: ...
+    def __init__(
+        self,
+        *,
+        actor: _builtins.str = ...,
+        change_id: _builtins.str = ...,
+        sourcing: Global___ChannelSourcing | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["sourcing", b"sourcing"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "change_id", b"change_id", "sourcing", b"sourcing"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetChannelSourcingRequest: _TypeAlias = SetChannelSourcingRequest  # noqa: Y015
+
+@_typing.final
+class SetChannelSourcingResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    replayed: _builtins.bool
+    def __init__(
+        self,
+        *,
+        replayed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["replayed", b"replayed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetChannelSourcingResponse: _TypeAlias = SetChannelSourcingResponse  # noqa: Y015
+
+@_typing.final
+class GetPoliciesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPoliciesRequest: _TypeAlias = GetPoliciesRequest  # noqa: Y015
+
+@_typing.final
+class GetPoliciesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SAFETY_STOCK_FIELD_NUMBER: _builtins.int
+    BUFFERS_FIELD_NUMBER: _builtins.int
+    LOCATION_GROUPS_FIELD_NUMBER: _builtins.int
+    SOURCING_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def safety_stock(self) -> _containers.RepeatedCompositeFieldContainer[Global___SafetyStock]: ...
+    @_builtins.property
+    def buffers(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChannelBuffer]: ...
+    @_builtins.property
+    def location_groups(self) -> _containers.RepeatedCompositeFieldContainer[Global___LocationGroup]: ...
+    @_builtins.property
+    def sourcing(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChannelSourcing]: ...
+    def __init__(
+        self,
+        *,
+        safety_stock: _abc.Iterable[Global___SafetyStock] | None = ...,
+        buffers: _abc.Iterable[Global___ChannelBuffer] | None = ...,
+        location_groups: _abc.Iterable[Global___LocationGroup] | None = ...,
+        sourcing: _abc.Iterable[Global___ChannelSourcing] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["buffers", b"buffers", "location_groups", b"location_groups", "safety_stock", b"safety_stock", "sourcing", b"sourcing"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetPoliciesResponse: _TypeAlias = GetPoliciesResponse  # noqa: Y015

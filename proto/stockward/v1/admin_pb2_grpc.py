@@ -44,6 +44,31 @@ class StockAdminServiceStub:
                 request_serializer=stockward_dot_v1_dot_admin__pb2.SetOnHandRequest.SerializeToString,
                 response_deserializer=stockward_dot_v1_dot_admin__pb2.SetOnHandResponse.FromString,
                 _registered_method=True)
+        self.SetSafetyStock = channel.unary_unary(
+                '/stockward.v1.StockAdminService/SetSafetyStock',
+                request_serializer=stockward_dot_v1_dot_admin__pb2.SetSafetyStockRequest.SerializeToString,
+                response_deserializer=stockward_dot_v1_dot_admin__pb2.SetSafetyStockResponse.FromString,
+                _registered_method=True)
+        self.SetChannelBuffer = channel.unary_unary(
+                '/stockward.v1.StockAdminService/SetChannelBuffer',
+                request_serializer=stockward_dot_v1_dot_admin__pb2.SetChannelBufferRequest.SerializeToString,
+                response_deserializer=stockward_dot_v1_dot_admin__pb2.SetChannelBufferResponse.FromString,
+                _registered_method=True)
+        self.SetLocationGroup = channel.unary_unary(
+                '/stockward.v1.StockAdminService/SetLocationGroup',
+                request_serializer=stockward_dot_v1_dot_admin__pb2.SetLocationGroupRequest.SerializeToString,
+                response_deserializer=stockward_dot_v1_dot_admin__pb2.SetLocationGroupResponse.FromString,
+                _registered_method=True)
+        self.SetChannelSourcing = channel.unary_unary(
+                '/stockward.v1.StockAdminService/SetChannelSourcing',
+                request_serializer=stockward_dot_v1_dot_admin__pb2.SetChannelSourcingRequest.SerializeToString,
+                response_deserializer=stockward_dot_v1_dot_admin__pb2.SetChannelSourcingResponse.FromString,
+                _registered_method=True)
+        self.GetPolicies = channel.unary_unary(
+                '/stockward.v1.StockAdminService/GetPolicies',
+                request_serializer=stockward_dot_v1_dot_admin__pb2.GetPoliciesRequest.SerializeToString,
+                response_deserializer=stockward_dot_v1_dot_admin__pb2.GetPoliciesResponse.FromString,
+                _registered_method=True)
 
 
 class StockAdminServiceServicer:
@@ -65,6 +90,45 @@ class StockAdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetSafetyStock(self, request, context):
+        """Available-to-sell policies. Each change is idempotent on (actor, change_id),
+        written to the log like any commitment, and takes effect atomically with respect
+        to reservations.
+
+        Units kept back from every channel per sku and location, or a location's default.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetChannelBuffer(self, request, context):
+        """Units a channel does not see, per channel or per channel and sku.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetLocationGroup(self, request, context):
+        """A named, ordered list of locations; an empty list removes it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetChannelSourcing(self, request, context):
+        """The group a channel's lines without a location are held from.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPolicies(self, request, context):
+        """Every policy in force, with who set it and when.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StockAdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -77,6 +141,31 @@ def add_StockAdminServiceServicer_to_server(servicer, server):
                     servicer.SetOnHand,
                     request_deserializer=stockward_dot_v1_dot_admin__pb2.SetOnHandRequest.FromString,
                     response_serializer=stockward_dot_v1_dot_admin__pb2.SetOnHandResponse.SerializeToString,
+            ),
+            'SetSafetyStock': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetSafetyStock,
+                    request_deserializer=stockward_dot_v1_dot_admin__pb2.SetSafetyStockRequest.FromString,
+                    response_serializer=stockward_dot_v1_dot_admin__pb2.SetSafetyStockResponse.SerializeToString,
+            ),
+            'SetChannelBuffer': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetChannelBuffer,
+                    request_deserializer=stockward_dot_v1_dot_admin__pb2.SetChannelBufferRequest.FromString,
+                    response_serializer=stockward_dot_v1_dot_admin__pb2.SetChannelBufferResponse.SerializeToString,
+            ),
+            'SetLocationGroup': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetLocationGroup,
+                    request_deserializer=stockward_dot_v1_dot_admin__pb2.SetLocationGroupRequest.FromString,
+                    response_serializer=stockward_dot_v1_dot_admin__pb2.SetLocationGroupResponse.SerializeToString,
+            ),
+            'SetChannelSourcing': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetChannelSourcing,
+                    request_deserializer=stockward_dot_v1_dot_admin__pb2.SetChannelSourcingRequest.FromString,
+                    response_serializer=stockward_dot_v1_dot_admin__pb2.SetChannelSourcingResponse.SerializeToString,
+            ),
+            'GetPolicies': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPolicies,
+                    request_deserializer=stockward_dot_v1_dot_admin__pb2.GetPoliciesRequest.FromString,
+                    response_serializer=stockward_dot_v1_dot_admin__pb2.GetPoliciesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -133,6 +222,141 @@ class StockAdminService:
             '/stockward.v1.StockAdminService/SetOnHand',
             stockward_dot_v1_dot_admin__pb2.SetOnHandRequest.SerializeToString,
             stockward_dot_v1_dot_admin__pb2.SetOnHandResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetSafetyStock(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stockward.v1.StockAdminService/SetSafetyStock',
+            stockward_dot_v1_dot_admin__pb2.SetSafetyStockRequest.SerializeToString,
+            stockward_dot_v1_dot_admin__pb2.SetSafetyStockResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetChannelBuffer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stockward.v1.StockAdminService/SetChannelBuffer',
+            stockward_dot_v1_dot_admin__pb2.SetChannelBufferRequest.SerializeToString,
+            stockward_dot_v1_dot_admin__pb2.SetChannelBufferResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetLocationGroup(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stockward.v1.StockAdminService/SetLocationGroup',
+            stockward_dot_v1_dot_admin__pb2.SetLocationGroupRequest.SerializeToString,
+            stockward_dot_v1_dot_admin__pb2.SetLocationGroupResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetChannelSourcing(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stockward.v1.StockAdminService/SetChannelSourcing',
+            stockward_dot_v1_dot_admin__pb2.SetChannelSourcingRequest.SerializeToString,
+            stockward_dot_v1_dot_admin__pb2.SetChannelSourcingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPolicies(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stockward.v1.StockAdminService/GetPolicies',
+            stockward_dot_v1_dot_admin__pb2.GetPoliciesRequest.SerializeToString,
+            stockward_dot_v1_dot_admin__pb2.GetPoliciesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -41,6 +41,21 @@ class StockAdminServiceStub:
     """Absolute on-hand counts per sku and location (an ERP or count snapshot), applied all
     together. Idempotent on (source, source_event_id).
     """
+    SetSafetyStock: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetSafetyStockRequest, _admin_pb2.SetSafetyStockResponse]
+    """Available-to-sell policies. Each change is idempotent on (actor, change_id),
+    written to the log like any commitment, and takes effect atomically with respect
+    to reservations.
+
+    Units kept back from every channel per sku and location, or a location's default.
+    """
+    SetChannelBuffer: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetChannelBufferRequest, _admin_pb2.SetChannelBufferResponse]
+    """Units a channel does not see, per channel or per channel and sku."""
+    SetLocationGroup: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetLocationGroupRequest, _admin_pb2.SetLocationGroupResponse]
+    """A named, ordered list of locations; an empty list removes it."""
+    SetChannelSourcing: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetChannelSourcingRequest, _admin_pb2.SetChannelSourcingResponse]
+    """The group a channel's lines without a location are held from."""
+    GetPolicies: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetPoliciesRequest, _admin_pb2.GetPoliciesResponse]
+    """Every policy in force, with who set it and when."""
 
 @_typing.type_check_only
 class StockAdminServiceAsyncStub(StockAdminServiceStub):
@@ -53,6 +68,21 @@ class StockAdminServiceAsyncStub(StockAdminServiceStub):
     """Absolute on-hand counts per sku and location (an ERP or count snapshot), applied all
     together. Idempotent on (source, source_event_id).
     """
+    SetSafetyStock: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetSafetyStockRequest, _admin_pb2.SetSafetyStockResponse]  # type: ignore[assignment]
+    """Available-to-sell policies. Each change is idempotent on (actor, change_id),
+    written to the log like any commitment, and takes effect atomically with respect
+    to reservations.
+
+    Units kept back from every channel per sku and location, or a location's default.
+    """
+    SetChannelBuffer: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetChannelBufferRequest, _admin_pb2.SetChannelBufferResponse]  # type: ignore[assignment]
+    """Units a channel does not see, per channel or per channel and sku."""
+    SetLocationGroup: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetLocationGroupRequest, _admin_pb2.SetLocationGroupResponse]  # type: ignore[assignment]
+    """A named, ordered list of locations; an empty list removes it."""
+    SetChannelSourcing: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetChannelSourcingRequest, _admin_pb2.SetChannelSourcingResponse]  # type: ignore[assignment]
+    """The group a channel's lines without a location are held from."""
+    GetPolicies: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetPoliciesRequest, _admin_pb2.GetPoliciesResponse]  # type: ignore[assignment]
+    """Every policy in force, with who set it and when."""
 
 class StockAdminServiceServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -74,5 +104,50 @@ class StockAdminServiceServicer(metaclass=_abc_1.ABCMeta):
         """Absolute on-hand counts per sku and location (an ERP or count snapshot), applied all
         together. Idempotent on (source, source_event_id).
         """
+
+    @_abc_1.abstractmethod
+    def SetSafetyStock(
+        self,
+        request: _admin_pb2.SetSafetyStockRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.SetSafetyStockResponse, _abc.Awaitable[_admin_pb2.SetSafetyStockResponse]]:
+        """Available-to-sell policies. Each change is idempotent on (actor, change_id),
+        written to the log like any commitment, and takes effect atomically with respect
+        to reservations.
+
+        Units kept back from every channel per sku and location, or a location's default.
+        """
+
+    @_abc_1.abstractmethod
+    def SetChannelBuffer(
+        self,
+        request: _admin_pb2.SetChannelBufferRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.SetChannelBufferResponse, _abc.Awaitable[_admin_pb2.SetChannelBufferResponse]]:
+        """Units a channel does not see, per channel or per channel and sku."""
+
+    @_abc_1.abstractmethod
+    def SetLocationGroup(
+        self,
+        request: _admin_pb2.SetLocationGroupRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.SetLocationGroupResponse, _abc.Awaitable[_admin_pb2.SetLocationGroupResponse]]:
+        """A named, ordered list of locations; an empty list removes it."""
+
+    @_abc_1.abstractmethod
+    def SetChannelSourcing(
+        self,
+        request: _admin_pb2.SetChannelSourcingRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.SetChannelSourcingResponse, _abc.Awaitable[_admin_pb2.SetChannelSourcingResponse]]:
+        """The group a channel's lines without a location are held from."""
+
+    @_abc_1.abstractmethod
+    def GetPolicies(
+        self,
+        request: _admin_pb2.GetPoliciesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.GetPoliciesResponse, _abc.Awaitable[_admin_pb2.GetPoliciesResponse]]:
+        """Every policy in force, with who set it and when."""
 
 def add_StockAdminServiceServicer_to_server(servicer: StockAdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

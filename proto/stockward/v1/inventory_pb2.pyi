@@ -95,7 +95,9 @@ class ReserveLine(_message.Message):
     quantity: _builtins.int
     """Must be > 0."""
     location: _builtins.str
-    """Reserve at exactly this location. Set this or locations, not both."""
+    """Reserve at exactly this location (a pickup store, say). Set this or locations,
+    not both; with neither, the channel's default location group is used.
+    """
     allow_split: _builtins.bool
     """With locations: when no single location can hold it all, split the quantity across
     them in preference order instead of coming up short.
@@ -567,7 +569,7 @@ class GetAvailabilityRequest(_message.Message):
     LOCATIONS_FIELD_NUMBER: _builtins.int
     CHANNEL_FIELD_NUMBER: _builtins.int
     channel: _builtins.str
-    """Reserved for channel views (allocations, buffers); accepted and validated now."""
+    """The channel whose view to show: its buffer is taken off available_to_sell."""
     @_builtins.property
     def skus(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """1 to 1,000 skus."""
@@ -598,20 +600,29 @@ class Availability(_message.Message):
     ON_HAND_FIELD_NUMBER: _builtins.int
     HELD_FIELD_NUMBER: _builtins.int
     AVAILABLE_TO_SELL_FIELD_NUMBER: _builtins.int
+    SAFETY_STOCK_FIELD_NUMBER: _builtins.int
+    BUFFER_FIELD_NUMBER: _builtins.int
     on_hand: _builtins.int
     held: _builtins.int
     available_to_sell: _builtins.int
-    """What may still be promised: never below zero."""
+    """What may still be promised (to the channel asked about, if any): never below
+    zero. on_hand - held - safety_stock - buffer, less releases not yet durable.
+    """
+    safety_stock: _builtins.int
+    buffer: _builtins.int
+    """The channel's buffer, per location; 0 without a channel."""
     def __init__(
         self,
         *,
         on_hand: _builtins.int = ...,
         held: _builtins.int = ...,
         available_to_sell: _builtins.int = ...,
+        safety_stock: _builtins.int = ...,
+        buffer: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["available_to_sell", b"available_to_sell", "held", b"held", "on_hand", b"on_hand"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available_to_sell", b"available_to_sell", "buffer", b"buffer", "held", b"held", "on_hand", b"on_hand", "safety_stock", b"safety_stock"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

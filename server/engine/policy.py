@@ -1,0 +1,168 @@
+"""Available-to-sell policies: safety stock, channel buffers, location groups and the
+locations a channel sources from by default.
+
+Design note. Policies are plain state beside the positions. A change is validated and
+decided like any command, written as a "policy" record and applied here by `apply`,
+both when it is decided and when recovery replays it, so the two paths cannot differ.
+Every policy record goes to shard 0's stream: changes to the same setting must replay
+in the order they were made, and policy changes are rare enough that one stream is no
+bottleneck.
+
+What a channel may hold at a position:
+    on-hand - held - withheld - safety stock - the channel's buffer, never below zero.
+Safety stock protects units for stores and mistakes in counts; it applies to every
+channel. The buffer is held back from one channel at every position it draws from, for
+channels whose listings lag behind stockward.
+"""
+
+import dataclasses
+from typing import Any
+
+from server.engine.model import Position
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Attribution:
+    """Who set a policy, when, and under which change id."""
+
+    actor: str
+    change_id: str
+    at_us: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Sourcing:
+    """Where a channel's lines without a location are held: a location group in
+    priority order, optionally split across its locations."""
+
+    group: str
+    allow_split: bool
+
+
+@dataclasses.dataclass(slots=True)
+class Policies:
+    # (sku, location) -> units; a location's default under sku "".
+    safety_stock: dict[tuple[str, str], tuple[int, Attribution]] = dataclasses.field(
+        default_factory=dict
+    )
+    # (channel, sku) -> units; the channel's default under sku "".
+    buffers: dict[tuple[str, str], tuple[int, Attribution]] = dataclasses.field(
+        default_factory=dict
+    )
+    groups: dict[str, tuple[tuple[str, ...], Attribution]] = dataclasses.field(
+        default_factory=dict
+    )
+    sourcing: dict[str, tuple[Sourcing, Attribution]] = dataclasses.field(
+        default_factory=dict
+    )
+
+    # Reading ----------------------------------------------------------------------------
+
+    def safety(self, sku: str, location: str) -> int:
+        level = self.safety_stock.get((sku, location))
+        if level is None:
+            level = self.safety_stock.get(("", location))
+        return level[0] if level else 0
+
+    def buffer(self, channel: str, sku: str) -> int:
+        if not channel:
+            return 0
+        level = self.buffers.get((channel, sku))
+        if level is None:
+            level = self.buffers.get((channel, ""))
+        return level[0] if level else 0
+
+    def available(self, position: Position, channel: str) -> int:
+        """What `channel` ("" for no channel) may still be promised at a position."""
+        free = position.on_hand - position.held - position.withheld
+        free -= self.safety(position.sku, position.location)
+        free -= self.buffer(channel, position.sku)
+        return max(0, free)
+
+    def sourcing_of(self, channel: str) -> tuple[Sourcing, tuple[str, ...]] | None:
+        entry = self.sourcing.get(channel)
+        if entry is None:
+            return None
+        sourcing = entry[0]
+        return sourcing, self.groups[sourcing.group][0]
+
+    # Changing ---------------------------------------------------------------------------
+
+    def apply(self, change: dict[str, Any], attribution: Attribution) -> None:
+        """Apply one recorded change. Zero levels, empty groups and empty sourcing
+        groups remove the setting."""
+        kind = change["kind"]
+        if kind == "safety_stock":
+            for sku, location, units in change["levels"]:
+                _set(self.safety_stock, (sku, location), units, attribution)
+        elif kind == "buffer":
+            for channel, sku, units in change["buffers"]:
+                _set(self.buffers, (channel, sku), units, attribution)
+        elif kind == "group":
+            locations = tuple(change["locations"])
+            if locations:
+                self.groups[change["name"]] = (locations, attribution)
+            else:
+                self.groups.pop(change["name"], None)
+        elif kind == "sourcing":
+            if change["group"]:
+                sourcing = Sourcing(change["group"], change["allow_split"])
+                self.sourcing[change["channel"]] = (sourcing, attribution)
+            else:
+                self.sourcing.pop(change["channel"], None)
+        else:
+            raise ValueError(f"unknown policy change {kind!r}")
+
+    def groups_in_use(self) -> set[str]:
+        return {sourcing.group for sourcing, _ in self.sourcing.values()}
+
+    # Checkpoints ------------------------------------------------------------------------
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "safety_stock": [
+                [*key, units, *_attr(a)]
+                for key, (units, a) in self.safety_stock.items()
+            ],
+            "buffers": [
+                [*key, units, *_attr(a)] for key, (units, a) in self.buffers.items()
+            ],
+            "groups": [
+                [name, list(locations), *_attr(a)]
+                for name, (locations, a) in self.groups.items()
+            ],
+            "sourcing": [
+                [channel, s.group, s.allow_split, *_attr(a)]
+                for channel, (s, a) in self.sourcing.items()
+            ],
+        }
+
+    @classmethod
+    def from_json(cls, body: dict[str, Any]) -> "Policies":
+        policies = cls()
+        for sku, location, units, *attr in body.get("safety_stock", []):
+            policies.safety_stock[(sku, location)] = (units, Attribution(*attr))
+        for channel, sku, units, *attr in body.get("buffers", []):
+            policies.buffers[(channel, sku)] = (units, Attribution(*attr))
+        for name, locations, *attr in body.get("groups", []):
+            policies.groups[name] = (tuple(locations), Attribution(*attr))
+        for channel, group, allow_split, *attr in body.get("sourcing", []):
+            sourcing = Sourcing(group, allow_split)
+            policies.sourcing[channel] = (sourcing, Attribution(*attr))
+        return policies
+
+
+def _set(
+    table: dict[tuple[str, str], tuple[int, Attribution]],
+    key: tuple[str, str],
+    units: int,
+    attribution: Attribution,
+) -> None:
+    if units:
+        table[key] = (units, attribution)
+    else:
+        table.pop(key, None)
+
+
+def _attr(attribution: Attribution) -> list[Any]:
+    return [attribution.actor, attribution.change_id, attribution.at_us]
