@@ -4,7 +4,7 @@ Nothing is validated here: the engine checks every command and names the field a
 fault in the contract's own terms, so there is one place where input is judged.
 """
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TypeVar
 
 from google.protobuf import timestamp_pb2
@@ -34,6 +34,9 @@ _SHORT_TO_PROTO = {
     cmd.ShortReason.UNKNOWN_SKU: inventory_pb2.SHORT_REASON_UNKNOWN_SKU,
     cmd.ShortReason.UNKNOWN_LOCATION: inventory_pb2.SHORT_REASON_UNKNOWN_LOCATION,
     cmd.ShortReason.OTHER_LINE_SHORT: inventory_pb2.SHORT_REASON_OTHER_LINE_SHORT,
+    cmd.ShortReason.CHANNEL_ALLOCATION_EXHAUSTED: (
+        inventory_pb2.SHORT_REASON_CHANNEL_ALLOCATION_EXHAUSTED
+    ),
 }
 
 _REASON_FROM_PROTO = {
@@ -188,6 +191,21 @@ def set_channel_sourcing(
     )
 
 
+def set_channel_allocation(
+    request: admin_pb2.SetChannelAllocationRequest,
+) -> cmd.SetChannelAllocation:
+    return cmd.SetChannelAllocation(
+        actor=request.actor,
+        change_id=request.change_id,
+        allocations=tuple(
+            cmd.AllocationLevel(
+                sku=x.sku, channel=x.channel, units=x.quantity, exclusive=x.exclusive
+            )
+            for x in request.allocations
+        ),
+    )
+
+
 # Results ------------------------------------------------------------------------------
 
 
@@ -197,8 +215,23 @@ def attribution(value: Attribution) -> admin_pb2.PolicyAttribution:
     )
 
 
-def policies(value: Policies) -> admin_pb2.GetPoliciesResponse:
+def policies(
+    value: Policies, remaining: Callable[[str, str], int]
+) -> admin_pb2.GetPoliciesResponse:
+    """Every policy in force; `remaining(sku, channel)` says what a pool has left."""
     return admin_pb2.GetPoliciesResponse(
+        allocations=[
+            admin_pb2.ChannelAllocation(
+                sku=sku,
+                channel=channel,
+                quantity=value.pools.get((sku, channel), 0),
+                exclusive=exclusive,
+                remaining=remaining(sku, channel),
+                attribution=attribution(a),
+            )
+            for sku, by_channel in sorted(value.allocations.items())
+            for channel, (exclusive, a) in sorted(by_channel.items())
+        ],
         safety_stock=[
             admin_pb2.SafetyStock(
                 sku=sku, location=location, quantity=units, attribution=attribution(a)

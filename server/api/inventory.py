@@ -195,12 +195,16 @@ class InventoryService(inventory_pb2_grpc.InventoryServiceServicer):
                     )
                 )
                 _add(total, view)
+            cap, has_allocation = engine.channel_cap(sku, request.channel)
+            total.available_to_sell = min(total.available_to_sell, cap)
             items.append(
                 inventory_pb2.SkuAvailability(
                     sku=sku,
                     known=bool(engine.positions_of(sku)),
                     total=total,
                     locations=locations,
+                    has_allocation=has_allocation,
+                    allocation_remaining=cap if has_allocation else 0,
                 )
             )
         return inventory_pb2.GetAvailabilityResponse(
@@ -342,7 +346,15 @@ class StockAdminService(admin_pb2_grpc.StockAdminServiceServicer):
         return admin_pb2.SetChannelSourcingResponse(replayed=replayed)
 
     @guarded
+    async def SetChannelAllocation(
+        self, request: admin_pb2.SetChannelAllocationRequest, context: Context
+    ) -> admin_pb2.SetChannelAllocationResponse:
+        replayed = await self._policy(convert.set_channel_allocation(request))
+        return admin_pb2.SetChannelAllocationResponse(replayed=replayed)
+
+    @guarded
     async def GetPolicies(
         self, request: admin_pb2.GetPoliciesRequest, context: Context
     ) -> admin_pb2.GetPoliciesResponse:
-        return convert.policies(self._ledger.reader().policies)
+        engine = self._ledger.reader()
+        return convert.policies(engine.policies, engine.allocation_remaining)

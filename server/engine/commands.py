@@ -163,10 +163,31 @@ class SetChannelSourcing:
     allow_split: bool
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class AllocationLevel:
+    sku: str
+    channel: str
+    # The pool: units the channel may hold or sell from now on; 0 removes it.
+    units: int
+    # Ring-fenced: other channels cannot take the pool's remaining units.
+    exclusive: bool
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SetChannelAllocation:
+    actor: str
+    change_id: str
+    allocations: tuple[AllocationLevel, ...]
+
+
 ReservationCommand = Confirm | Release | Fulfill | Extend
 StockCommand = AdjustStock | SetOnHand
 PolicyCommand = (
-    SetSafetyStock | SetChannelBuffer | SetLocationGroup | SetChannelSourcing
+    SetSafetyStock
+    | SetChannelBuffer
+    | SetLocationGroup
+    | SetChannelSourcing
+    | SetChannelAllocation
 )
 Command = Reserve | ReservationCommand | StockCommand | PolicyCommand
 
@@ -179,6 +200,7 @@ class ShortReason(enum.Enum):
     UNKNOWN_SKU = "unknown_sku"
     UNKNOWN_LOCATION = "unknown_location"
     OTHER_LINE_SHORT = "other_line_short"
+    CHANNEL_ALLOCATION_EXHAUSTED = "channel_allocation_exhausted"
 
 
 class ReserveOutcome(enum.Enum):
@@ -541,6 +563,8 @@ def validate_policy_command(command: PolicyCommand, limits: Limits) -> None:
         _validate_buffers(command, limits)
     elif isinstance(command, SetLocationGroup):
         _validate_group(command, limits)
+    elif isinstance(command, SetChannelAllocation):
+        _validate_allocations(command, limits)
     else:
         check_id(command.channel, field="channel", length_max=limits.channel_length_max)
         check_id(
@@ -636,3 +660,28 @@ def _validate_group(command: SetLocationGroup, limits: Limits) -> None:
         raise InvalidArgument(
             "DUPLICATE_LOCATION", "locations names a location twice", field="locations"
         )
+
+
+def _validate_allocations(command: SetChannelAllocation, limits: Limits) -> None:
+    check_count(
+        len(command.allocations),
+        field="allocations",
+        count_max=limits.adjustments_per_request_max,
+    )
+    seen: set[tuple[str, str]] = set()
+    for index, level in enumerate(command.allocations):
+        field = f"allocations[{index}]"
+        check_id(level.sku, field=f"{field}.sku", length_max=limits.sku_length_max)
+        check_id(
+            level.channel,
+            field=f"{field}.channel",
+            length_max=limits.channel_length_max,
+        )
+        _check_units(level.units, field=f"{field}.quantity", limits=limits)
+        if (level.sku, level.channel) in seen:
+            raise InvalidArgument(
+                "DUPLICATE_ALLOCATION",
+                f"{field} sets {level.channel}'s allocation of {level.sku} twice",
+                field=field,
+            )
+        seen.add((level.sku, level.channel))

@@ -40,6 +40,7 @@ from server.engine.commands import (
     ReserveOutcome,
     ReserveResult,
     Result,
+    SetChannelAllocation,
     SetChannelBuffer,
     SetLocationGroup,
     SetOnHand,
@@ -110,6 +111,10 @@ class Decision:
     request: RequestRow | None
     # Availability gains to make visible once durable.
     gains: list[tuple[Position, int]]
+    # Allocation gains, per (channel, sku), likewise.
+    channel_gains: list[tuple[tuple[str, str], int]] = dataclasses.field(
+        default_factory=list
+    )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -180,6 +185,10 @@ class Engine:
         # what the recovered reservations hold.
         self._replayed_held: dict[tuple[str, str], int] = {}
         self.policies = Policies()
+        # Units each channel holds per sku, and releases of them not yet durable:
+        # what an allocation's pool has lent out.
+        self.channel_held: dict[tuple[str, str], int] = {}
+        self.channel_withheld: dict[tuple[str, str], int] = {}
 
     # Commands ---------------------------------------------------------------------------
 
@@ -207,6 +216,9 @@ class Engine:
         for position, gain in decision.gains:
             position.withheld -= gain
             position.check()
+        for key, gain in decision.channel_gains:
+            self.channel_withheld[key] -= gain
+            ensure(self.channel_withheld[key] >= 0, f"negative withheld for {key}")
         if decision.request is not None:
             request = decision.request
             remembered = self._remembered[(request.scope, request.request_id)]
@@ -244,7 +256,11 @@ class Engine:
             for index, line in enumerate(command.lines)
         ]
         planned: dict[int, int] = {}
-        plans = [self._plan_line(line, planned, command.channel) for line in lines]
+        planned_sku: dict[str, int] = {}
+        plans = [
+            self._plan_line(line, planned, planned_sku, command.channel)
+            for line in lines
+        ]
 
         is_short = any(plan.short_reason is not None for plan in plans)
         if is_short and not command.allow_partial:
@@ -300,9 +316,14 @@ class Engine:
         )
 
     def _plan_line(
-        self, line: ReserveLine, planned: dict[int, int], channel: str
+        self,
+        line: ReserveLine,
+        planned: dict[int, int],
+        planned_sku: dict[str, int],
+        channel: str,
     ) -> _LinePlan:
-        """Choose where one line is held; `planned` tracks what earlier lines took."""
+        """Choose where one line is held; `planned` and `planned_sku` track what
+        earlier lines of the same request took."""
         shard = self.shards[shard_of(line.sku, len(self.shards))]
         by_location = shard.positions.get(line.sku)
         if not by_location:
@@ -317,23 +338,74 @@ class Engine:
                 free = self.policies.available(position, channel)
                 free -= planned.get(id(position), 0)
                 offers.append((position, max(0, free)))
-
-        takes = self._choose(line, offers)
-        for position, quantity in takes:
-            planned[id(position)] = planned.get(id(position), 0) + quantity
         # What the line could have had under its own rules, reported when it is short
         # or when another line's shortage rejected it.
         if line.allow_split:
             available = sum(free for _, free in offers)
         else:
             available = max((free for _, free in offers), default=0)
+        cap, is_allocation_cap = self._cap(line.sku, channel, planned_sku)
+        if cap < line.quantity:
+            offers = [(position, min(free, cap)) for position, free in offers]
+
+        takes = self._choose(line, offers, min(line.quantity, cap))
+        for position, quantity in takes:
+            planned[id(position)] = planned.get(id(position), 0) + quantity
         taken = sum(quantity for _, quantity in takes)
-        reason = None if taken == line.quantity else ShortReason.INSUFFICIENT_STOCK
-        return _LinePlan(takes, reason, available)
+        planned_sku[line.sku] = planned_sku.get(line.sku, 0) + taken
+        if taken == line.quantity:
+            return _LinePlan(takes, None, min(available, cap))
+        reason = ShortReason.INSUFFICIENT_STOCK
+        if is_allocation_cap and cap < min(available, line.quantity):
+            reason = ShortReason.CHANNEL_ALLOCATION_EXHAUSTED
+        return _LinePlan(takes, reason, min(available, cap))
+
+    def _cap(
+        self, sku: str, channel: str, planned_sku: dict[str, int]
+    ) -> tuple[int, bool]:
+        """The most `channel` may still hold of `sku` in total, and whether its own
+        allocation (rather than another's ring fence) sets that limit."""
+        cap = self.limits.on_hand_max
+        by_channel = self.policies.allocations.get(sku)
+        if not by_channel:
+            return cap, False
+        planned = planned_sku.get(sku, 0)
+        is_allocation_cap = False
+        if channel in by_channel:
+            cap = self.allocation_remaining(sku, channel) - planned
+            is_allocation_cap = True
+        fence = sum(
+            self.allocation_remaining(sku, other)
+            for other, (exclusive, _) in by_channel.items()
+            if exclusive and other != channel
+        )
+        if fence:
+            unfenced = self._free_units(sku) - planned - fence
+            if unfenced < cap:
+                cap, is_allocation_cap = unfenced, False
+        return max(0, cap), is_allocation_cap
+
+    def channel_cap(self, sku: str, channel: str) -> tuple[int, bool]:
+        """The most a channel could hold of a sku now, across locations, and whether
+        it has an allocation of it."""
+        cap, _ = self._cap(sku, channel, {})
+        return cap, self.policies.allocation_of(sku, channel) is not None
+
+    def allocation_remaining(self, sku: str, channel: str) -> int:
+        """Units of the channel's pool it may still hold (never below zero)."""
+        key = (channel, sku)
+        lent = self.channel_held.get(key, 0) + self.channel_withheld.get(key, 0)
+        return max(0, self.policies.pools.get((sku, channel), 0) - lent)
+
+    def _free_units(self, sku: str) -> int:
+        """Units of a sku free to promise anywhere, before channel buffers."""
+        return sum(
+            self.policies.available(p, "") for p in self.positions_of(sku).values()
+        )
 
     @staticmethod
     def _choose(
-        line: ReserveLine, offers: list[tuple[Position, int]]
+        line: ReserveLine, offers: list[tuple[Position, int]], wanted_max: int
     ) -> list[tuple[Position, int]]:
         """The first location that covers the line wins; else split, or the best
         single location for a partial hold (dropped later if all-or-nothing)."""
@@ -342,7 +414,7 @@ class Engine:
                 return [(position, line.quantity)]
         if line.allow_split:
             takes: list[tuple[Position, int]] = []
-            wanted = line.quantity
+            wanted = wanted_max
             for position, free in offers:
                 if free > 0 and wanted > 0:
                     takes.append((position, min(free, wanted)))
@@ -384,6 +456,8 @@ class Engine:
                 merged[at] = merged.get(at, 0) + quantity
                 position.held += quantity
                 position.check()
+                key = (command.channel, position.sku)
+                self.channel_held[key] = self.channel_held.get(key, 0) + quantity
 
         first_sku = next(iter(merged))[0]
         reservation = Reservation(
@@ -514,18 +588,26 @@ class Engine:
 
         fx: list[list[Any]] = []
         gains: list[tuple[Position, int]] = []
+        channel_gains: list[tuple[tuple[str, str], int]] = []
+        pool_fx: list[list[Any]] = []
         for line, quantity in amounts:
             position = self._position(line.sku, line.location)
             line.quantity_held -= quantity
             position.held -= quantity
+            channel_key = (reservation.channel, line.sku)
+            self.channel_held[channel_key] -= quantity
             if is_fulfil:
                 line.quantity_fulfilled += quantity
                 position.on_hand -= quantity
                 fx.append([line.sku, line.location, -quantity, -quantity])
+                pool_fx.extend(
+                    self._consume_pool(line.sku, reservation.channel, quantity)
+                )
             else:
                 line.quantity_released += quantity
                 position.withheld += quantity
                 gains.append((position, quantity))
+                self._withhold_for_channel(channel_key, quantity, channel_gains)
                 fx.append([line.sku, line.location, 0, -quantity])
             position.check()
 
@@ -533,8 +615,29 @@ class Engine:
         record = self._record(
             reservation, "fulfill" if is_fulfil else "release", fx, now_us
         )
+        if pool_fx:
+            record.body["pools"] = pool_fx
         result = ReservationResult(reservation.copy())
-        return self._decision(key, command, result, record=record, gains=gains)
+        decision = self._decision(key, command, result, record=record, gains=gains)
+        decision.channel_gains = channel_gains
+        return decision
+
+    def _consume_pool(self, sku: str, channel: str, quantity: int) -> list[list[Any]]:
+        """Fulfilment uses up allocated units for good; recorded as a pool delta."""
+        if self.policies.allocation_of(sku, channel) is None:
+            return []
+        self.policies.add_to_pool(sku, channel, -quantity)
+        return [[sku, channel, -quantity]]
+
+    def _withhold_for_channel(
+        self,
+        key: tuple[str, str],
+        quantity: int,
+        channel_gains: list[tuple[tuple[str, str], int]],
+    ) -> None:
+        """Units given back to a channel's allocation count once durable."""
+        self.channel_withheld[key] = self.channel_withheld.get(key, 0) + quantity
+        channel_gains.append((key, quantity))
 
     def _amounts(
         self, wanted: tuple[LineQuantity, ...], reservation: Reservation
@@ -593,6 +696,7 @@ class Engine:
     def _expire(self, reservation: Reservation, now_us: int) -> Decision:
         fx: list[list[Any]] = []
         gains: list[tuple[Position, int]] = []
+        channel_gains: list[tuple[tuple[str, str], int]] = []
         for line in reservation.lines:
             quantity = line.quantity_held
             if quantity == 0:
@@ -604,6 +708,9 @@ class Engine:
             position.withheld += quantity
             position.check()
             gains.append((position, quantity))
+            channel_key = (reservation.channel, line.sku)
+            self.channel_held[channel_key] -= quantity
+            self._withhold_for_channel(channel_key, quantity, channel_gains)
             fx.append([line.sku, line.location, 0, -quantity])
         reservation.move_to(ReservationState.EXPIRED, now_us=now_us)
         self._finished.append((now_us, reservation.reservation_id))
@@ -614,6 +721,7 @@ class Engine:
             record=record,
             request=None,
             gains=gains,
+            channel_gains=channel_gains,
         )
 
     def _position(self, sku: str, location: str) -> Position:
@@ -732,6 +840,12 @@ class Engine:
         if isinstance(command, SetChannelBuffer):
             buffers = [[x.channel, x.sku, x.units] for x in command.buffers]
             return {"kind": "buffer", "buffers": buffers}
+        if isinstance(command, SetChannelAllocation):
+            levels = []
+            for x in command.allocations:
+                pool_delta = x.units - self.policies.pools.get((x.sku, x.channel), 0)
+                levels.append([x.sku, x.channel, x.units, x.exclusive, pool_delta])
+            return {"kind": "allocation", "allocations": levels}
         if isinstance(command, SetLocationGroup):
             if not command.locations and command.name in self.policies.groups_in_use():
                 raise FailedPrecondition(
@@ -971,6 +1085,10 @@ class Engine:
             positions.append(
                 (position.sku, position.location, position.on_hand, position.held)
             )
+        ensure(
+            not any(self.channel_withheld.values()),
+            "checkpoint taken with allocation gains withheld",
+        )
         reservations = [r.to_json() for r in self.reservations.values()]
         seqs = [shard.next_seq - 1 for shard in self.shards]
         return positions, reservations, seqs, self.policies.to_json()
@@ -1011,6 +1129,8 @@ class Engine:
             self.locations.add(location)
         if "rsv" in body:
             self.restore_reservation(body["rsv"])
+        for sku, channel, delta in body.get("pools", ()):
+            self.policies.add_to_pool(sku, channel, delta)
         if "policy" in body:
             attribution = Attribution(body["actor"], body["change_id"], body["at_us"])
             self.policies.apply(body["policy"], attribution)
@@ -1039,6 +1159,10 @@ class Engine:
                 for line in reservation.lines:
                     at = (line.sku, line.location)
                     derived[at] = derived.get(at, 0) + line.quantity_held
+                    key = (reservation.channel, line.sku)
+                    self.channel_held[key] = (
+                        self.channel_held.get(key, 0) + line.quantity_held
+                    )
             else:
                 self._finished.append(
                     (reservation.updated_us, reservation.reservation_id)

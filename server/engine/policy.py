@@ -13,6 +13,17 @@ What a channel may hold at a position:
 Safety stock protects units for stores and mistakes in counts; it applies to every
 channel. The buffer is held back from one channel at every position it draws from, for
 channels whose listings lag behind stockward.
+
+Channel allocations. An allocation gives a channel a pool of units of one sku, across
+all locations. The channel's holds draw on it, releases and expiries give back (once
+durable), fulfilment consumes it for good. A ceiling allocation only limits the
+channel; an exclusive one also ring-fences its remaining units: every other channel
+must leave at least that many units of the sku free. The pool is kept as a sum of
+deltas (setting an allocation records the change from the pool it found), so records
+of different shards replay in any order to the same pool.
+
+Known shortcoming: allocations span every location of a sku; allocations per location
+group are not built yet.
 """
 
 import dataclasses
@@ -55,6 +66,13 @@ class Policies:
     sourcing: dict[str, tuple[Sourcing, Attribution]] = dataclasses.field(
         default_factory=dict
     )
+    # sku -> channel -> (exclusive, attribution) for allocations in force.
+    allocations: dict[str, dict[str, tuple[bool, Attribution]]] = dataclasses.field(
+        default_factory=dict
+    )
+    # (sku, channel) -> units in the pool not yet fulfilled, held or free. Kept for
+    # removed allocations too (at zero) so that deltas always have a place to land.
+    pools: dict[tuple[str, str], int] = dataclasses.field(default_factory=dict)
 
     # Reading ----------------------------------------------------------------------------
 
@@ -104,6 +122,16 @@ class Policies:
                 self.groups[change["name"]] = (locations, attribution)
             else:
                 self.groups.pop(change["name"], None)
+        elif kind == "allocation":
+            for sku, channel, units, exclusive, pool_delta in change["allocations"]:
+                self.add_to_pool(sku, channel, pool_delta)
+                by_channel = self.allocations.setdefault(sku, {})
+                if units:
+                    by_channel[channel] = (exclusive, attribution)
+                else:
+                    by_channel.pop(channel, None)
+                if not by_channel:
+                    del self.allocations[sku]
         elif kind == "sourcing":
             if change["group"]:
                 sourcing = Sourcing(change["group"], change["allow_split"])
@@ -112,6 +140,13 @@ class Policies:
                 self.sourcing.pop(change["channel"], None)
         else:
             raise ValueError(f"unknown policy change {kind!r}")
+
+    def allocation_of(self, sku: str, channel: str) -> tuple[bool, Attribution] | None:
+        by_channel = self.allocations.get(sku)
+        return by_channel.get(channel) if by_channel else None
+
+    def add_to_pool(self, sku: str, channel: str, delta: int) -> None:
+        self.pools[(sku, channel)] = self.pools.get((sku, channel), 0) + delta
 
     def groups_in_use(self) -> set[str]:
         return {sourcing.group for sourcing, _ in self.sourcing.values()}
@@ -135,6 +170,12 @@ class Policies:
                 [channel, s.group, s.allow_split, *_attr(a)]
                 for channel, (s, a) in self.sourcing.items()
             ],
+            "allocations": [
+                [sku, channel, exclusive, *_attr(a)]
+                for sku, by_channel in self.allocations.items()
+                for channel, (exclusive, a) in by_channel.items()
+            ],
+            "pools": [[*key, units] for key, units in self.pools.items()],
         }
 
     @classmethod
@@ -149,6 +190,11 @@ class Policies:
         for channel, group, allow_split, *attr in body.get("sourcing", []):
             sourcing = Sourcing(group, allow_split)
             policies.sourcing[channel] = (sourcing, Attribution(*attr))
+        for sku, channel, exclusive, *attr in body.get("allocations", []):
+            by_channel = policies.allocations.setdefault(sku, {})
+            by_channel[channel] = (exclusive, Attribution(*attr))
+        for sku, channel, units in body.get("pools", []):
+            policies.pools[(sku, channel)] = units
         return policies
 
 

@@ -568,6 +568,91 @@ class SetChannelSourcingResponse(_message.Message):
 Global___SetChannelSourcingResponse: _TypeAlias = SetChannelSourcingResponse  # noqa: Y015
 
 @_typing.final
+class ChannelAllocation(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SKU_FIELD_NUMBER: _builtins.int
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    QUANTITY_FIELD_NUMBER: _builtins.int
+    EXCLUSIVE_FIELD_NUMBER: _builtins.int
+    REMAINING_FIELD_NUMBER: _builtins.int
+    ATTRIBUTION_FIELD_NUMBER: _builtins.int
+    sku: _builtins.str
+    channel: _builtins.str
+    quantity: _builtins.int
+    """Setting: the pool from now on; 0 removes the allocation. Reading: units of the pool
+    not yet fulfilled (held or free).
+    """
+    exclusive: _builtins.bool
+    """Ring-fenced: other channels must leave the pool's remaining units free."""
+    remaining: _builtins.int
+    """Reading only: units the channel may still hold from the pool."""
+    @_builtins.property
+    def attribution(self) -> Global___PolicyAttribution: ...
+    def __init__(
+        self,
+        *,
+        sku: _builtins.str = ...,
+        channel: _builtins.str = ...,
+        quantity: _builtins.int = ...,
+        exclusive: _builtins.bool = ...,
+        remaining: _builtins.int = ...,
+        attribution: Global___PolicyAttribution | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["attribution", b"attribution"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attribution", b"attribution", "channel", b"channel", "exclusive", b"exclusive", "quantity", b"quantity", "remaining", b"remaining", "sku", b"sku"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChannelAllocation: _TypeAlias = ChannelAllocation  # noqa: Y015
+
+@_typing.final
+class SetChannelAllocationRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACTOR_FIELD_NUMBER: _builtins.int
+    CHANGE_ID_FIELD_NUMBER: _builtins.int
+    ALLOCATIONS_FIELD_NUMBER: _builtins.int
+    actor: _builtins.str
+    change_id: _builtins.str
+    @_builtins.property
+    def allocations(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChannelAllocation]: ...
+    def __init__(
+        self,
+        *,
+        actor: _builtins.str = ...,
+        change_id: _builtins.str = ...,
+        allocations: _abc.Iterable[Global___ChannelAllocation] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "allocations", b"allocations", "change_id", b"change_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetChannelAllocationRequest: _TypeAlias = SetChannelAllocationRequest  # noqa: Y015
+
+@_typing.final
+class SetChannelAllocationResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    replayed: _builtins.bool
+    def __init__(
+        self,
+        *,
+        replayed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["replayed", b"replayed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetChannelAllocationResponse: _TypeAlias = SetChannelAllocationResponse  # noqa: Y015
+
+@_typing.final
 class GetPoliciesRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -590,6 +675,7 @@ class GetPoliciesResponse(_message.Message):
     BUFFERS_FIELD_NUMBER: _builtins.int
     LOCATION_GROUPS_FIELD_NUMBER: _builtins.int
     SOURCING_FIELD_NUMBER: _builtins.int
+    ALLOCATIONS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def safety_stock(self) -> _containers.RepeatedCompositeFieldContainer[Global___SafetyStock]: ...
     @_builtins.property
@@ -598,6 +684,8 @@ class GetPoliciesResponse(_message.Message):
     def location_groups(self) -> _containers.RepeatedCompositeFieldContainer[Global___LocationGroup]: ...
     @_builtins.property
     def sourcing(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChannelSourcing]: ...
+    @_builtins.property
+    def allocations(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChannelAllocation]: ...
     def __init__(
         self,
         *,
@@ -605,10 +693,11 @@ class GetPoliciesResponse(_message.Message):
         buffers: _abc.Iterable[Global___ChannelBuffer] | None = ...,
         location_groups: _abc.Iterable[Global___LocationGroup] | None = ...,
         sourcing: _abc.Iterable[Global___ChannelSourcing] | None = ...,
+        allocations: _abc.Iterable[Global___ChannelAllocation] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["buffers", b"buffers", "location_groups", b"location_groups", "safety_stock", b"safety_stock", "sourcing", b"sourcing"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocations", b"allocations", "buffers", b"buffers", "location_groups", b"location_groups", "safety_stock", b"safety_stock", "sourcing", b"sourcing"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

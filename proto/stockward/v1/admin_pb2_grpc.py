@@ -64,6 +64,11 @@ class StockAdminServiceStub:
                 request_serializer=stockward_dot_v1_dot_admin__pb2.SetChannelSourcingRequest.SerializeToString,
                 response_deserializer=stockward_dot_v1_dot_admin__pb2.SetChannelSourcingResponse.FromString,
                 _registered_method=True)
+        self.SetChannelAllocation = channel.unary_unary(
+                '/stockward.v1.StockAdminService/SetChannelAllocation',
+                request_serializer=stockward_dot_v1_dot_admin__pb2.SetChannelAllocationRequest.SerializeToString,
+                response_deserializer=stockward_dot_v1_dot_admin__pb2.SetChannelAllocationResponse.FromString,
+                _registered_method=True)
         self.GetPolicies = channel.unary_unary(
                 '/stockward.v1.StockAdminService/GetPolicies',
                 request_serializer=stockward_dot_v1_dot_admin__pb2.GetPoliciesRequest.SerializeToString,
@@ -122,6 +127,14 @@ class StockAdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetChannelAllocation(self, request, context):
+        """A channel's pool of units of a sku: its holds draw on it, releases and expiries
+        give back, fulfilment consumes. Exclusive pools are ring-fenced from other channels.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetPolicies(self, request, context):
         """Every policy in force, with who set it and when.
         """
@@ -161,6 +174,11 @@ def add_StockAdminServiceServicer_to_server(servicer, server):
                     servicer.SetChannelSourcing,
                     request_deserializer=stockward_dot_v1_dot_admin__pb2.SetChannelSourcingRequest.FromString,
                     response_serializer=stockward_dot_v1_dot_admin__pb2.SetChannelSourcingResponse.SerializeToString,
+            ),
+            'SetChannelAllocation': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetChannelAllocation,
+                    request_deserializer=stockward_dot_v1_dot_admin__pb2.SetChannelAllocationRequest.FromString,
+                    response_serializer=stockward_dot_v1_dot_admin__pb2.SetChannelAllocationResponse.SerializeToString,
             ),
             'GetPolicies': grpc.unary_unary_rpc_method_handler(
                     servicer.GetPolicies,
@@ -330,6 +348,33 @@ class StockAdminService:
             '/stockward.v1.StockAdminService/SetChannelSourcing',
             stockward_dot_v1_dot_admin__pb2.SetChannelSourcingRequest.SerializeToString,
             stockward_dot_v1_dot_admin__pb2.SetChannelSourcingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetChannelAllocation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stockward.v1.StockAdminService/SetChannelAllocation',
+            stockward_dot_v1_dot_admin__pb2.SetChannelAllocationRequest.SerializeToString,
+            stockward_dot_v1_dot_admin__pb2.SetChannelAllocationResponse.FromString,
             options,
             channel_credentials,
             insecure,

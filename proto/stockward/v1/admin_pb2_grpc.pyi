@@ -54,6 +54,10 @@ class StockAdminServiceStub:
     """A named, ordered list of locations; an empty list removes it."""
     SetChannelSourcing: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetChannelSourcingRequest, _admin_pb2.SetChannelSourcingResponse]
     """The group a channel's lines without a location are held from."""
+    SetChannelAllocation: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetChannelAllocationRequest, _admin_pb2.SetChannelAllocationResponse]
+    """A channel's pool of units of a sku: its holds draw on it, releases and expiries
+    give back, fulfilment consumes. Exclusive pools are ring-fenced from other channels.
+    """
     GetPolicies: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetPoliciesRequest, _admin_pb2.GetPoliciesResponse]
     """Every policy in force, with who set it and when."""
 
@@ -81,6 +85,10 @@ class StockAdminServiceAsyncStub(StockAdminServiceStub):
     """A named, ordered list of locations; an empty list removes it."""
     SetChannelSourcing: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetChannelSourcingRequest, _admin_pb2.SetChannelSourcingResponse]  # type: ignore[assignment]
     """The group a channel's lines without a location are held from."""
+    SetChannelAllocation: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetChannelAllocationRequest, _admin_pb2.SetChannelAllocationResponse]  # type: ignore[assignment]
+    """A channel's pool of units of a sku: its holds draw on it, releases and expiries
+    give back, fulfilment consumes. Exclusive pools are ring-fenced from other channels.
+    """
     GetPolicies: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetPoliciesRequest, _admin_pb2.GetPoliciesResponse]  # type: ignore[assignment]
     """Every policy in force, with who set it and when."""
 
@@ -141,6 +149,16 @@ class StockAdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.SetChannelSourcingResponse, _abc.Awaitable[_admin_pb2.SetChannelSourcingResponse]]:
         """The group a channel's lines without a location are held from."""
+
+    @_abc_1.abstractmethod
+    def SetChannelAllocation(
+        self,
+        request: _admin_pb2.SetChannelAllocationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.SetChannelAllocationResponse, _abc.Awaitable[_admin_pb2.SetChannelAllocationResponse]]:
+        """A channel's pool of units of a sku: its holds draw on it, releases and expiries
+        give back, fulfilment consumes. Exclusive pools are ring-fenced from other channels.
+        """
 
     @_abc_1.abstractmethod
     def GetPolicies(

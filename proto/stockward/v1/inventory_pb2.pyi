@@ -46,6 +46,8 @@ class _ShortReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ShortReas
     """The line would have fitted, but another line did not and the request was
     all-or-nothing.
     """
+    SHORT_REASON_CHANNEL_ALLOCATION_EXHAUSTED: _ShortReason.ValueType  # 5
+    """The channel's allocation of the sku has no units left."""
 
 class ShortReason(_ShortReason, metaclass=_ShortReasonEnumTypeWrapper):
     """Why a line got less than it asked for."""
@@ -61,6 +63,8 @@ SHORT_REASON_OTHER_LINE_SHORT: ShortReason.ValueType  # 4
 """The line would have fitted, but another line did not and the request was
 all-or-nothing.
 """
+SHORT_REASON_CHANNEL_ALLOCATION_EXHAUSTED: ShortReason.ValueType  # 5
+"""The channel's allocation of the sku has no units left."""
 Global___ShortReason: _TypeAlias = ShortReason  # noqa: Y015
 
 class _ReserveOutcome:
@@ -659,11 +663,20 @@ class SkuAvailability(_message.Message):
     KNOWN_FIELD_NUMBER: _builtins.int
     TOTAL_FIELD_NUMBER: _builtins.int
     LOCATIONS_FIELD_NUMBER: _builtins.int
+    HAS_ALLOCATION_FIELD_NUMBER: _builtins.int
+    ALLOCATION_REMAINING_FIELD_NUMBER: _builtins.int
     sku: _builtins.str
     known: _builtins.bool
     """False when no location has ever stocked the sku."""
+    has_allocation: _builtins.bool
+    """The channel's allocation of the sku, if it has one."""
+    allocation_remaining: _builtins.int
     @_builtins.property
-    def total(self) -> Global___Availability: ...
+    def total(self) -> Global___Availability:
+        """total.available_to_sell is also capped by the channel's allocation and by other
+        channels' ring fences, which span locations.
+        """
+
     @_builtins.property
     def locations(self) -> _containers.RepeatedCompositeFieldContainer[Global___LocationAvailability]: ...
     def __init__(
@@ -673,10 +686,12 @@ class SkuAvailability(_message.Message):
         known: _builtins.bool = ...,
         total: Global___Availability | None = ...,
         locations: _abc.Iterable[Global___LocationAvailability] | None = ...,
+        has_allocation: _builtins.bool = ...,
+        allocation_remaining: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["total", b"total"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["known", b"known", "locations", b"locations", "sku", b"sku", "total", b"total"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocation_remaining", b"allocation_remaining", "has_allocation", b"has_allocation", "known", b"known", "locations", b"locations", "sku", b"sku", "total", b"total"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
