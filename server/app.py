@@ -99,7 +99,9 @@ class App:
         )
         admin_pb2_grpc.add_StockAdminServiceServicer_to_server(
             StockAdminService(
-                ledger=self._ledger, on_invariant_broken=self._on_invariant_broken
+                ledger=self._ledger,
+                clock=self.clock,
+                on_invariant_broken=self._on_invariant_broken,
             ),
             server,
         )

@@ -11,7 +11,7 @@ from google.protobuf import timestamp_pb2
 
 from server.engine import commands as cmd
 from server.engine.model import Reservation, ReservationState
-from server.engine.policy import Attribution, Policies
+from server.engine.policy import Attribution, Control, ControlKind, Policies
 from stockward.v1 import admin_pb2, inventory_pb2, types_pb2
 
 _STATE_TO_PROTO = {
@@ -37,7 +37,15 @@ _SHORT_TO_PROTO = {
     cmd.ShortReason.CHANNEL_ALLOCATION_EXHAUSTED: (
         inventory_pb2.SHORT_REASON_CHANNEL_ALLOCATION_EXHAUSTED
     ),
+    cmd.ShortReason.CHANNEL_SUPPRESSED: inventory_pb2.SHORT_REASON_CHANNEL_SUPPRESSED,
 }
+
+_CONTROL_KINDS = {
+    ControlKind.SUPPRESS: admin_pb2.CONTROL_KIND_SUPPRESS_CHANNEL,
+    ControlKind.THROTTLE: admin_pb2.CONTROL_KIND_THROTTLE_CHANNEL,
+    ControlKind.RAISE_SAFETY: admin_pb2.CONTROL_KIND_RAISE_SAFETY_STOCK,
+}
+_CONTROL_KINDS_FROM_PROTO = {proto: kind for kind, proto in _CONTROL_KINDS.items()}
 
 _REASON_FROM_PROTO = {
     admin_pb2.ADJUSTMENT_REASON_RECEIPT: cmd.AdjustmentReason.RECEIPT,
@@ -206,6 +214,29 @@ def set_channel_allocation(
     )
 
 
+def set_control(request: admin_pb2.SetContinuityControlRequest) -> cmd.SetControl:
+    control = request.control
+    return cmd.SetControl(
+        actor=request.actor,
+        change_id=request.change_id,
+        kind=_CONTROL_KINDS_FROM_PROTO.get(control.kind),
+        channel=control.channel,
+        sku=control.sku,
+        location=control.location,
+        units=control.safety_units,
+        percent=control.safety_percent,
+        rate_per_s=control.reservations_per_second,
+        until_us=control.until.ToMicroseconds() if control.HasField("until") else 0,
+        reason=control.reason,
+    )
+
+
+def lift_control(request: admin_pb2.LiftContinuityControlRequest) -> cmd.LiftControl:
+    return cmd.LiftControl(
+        actor=request.actor, change_id=request.change_id, control_id=request.control_id
+    )
+
+
 # Results ------------------------------------------------------------------------------
 
 
@@ -215,11 +246,28 @@ def attribution(value: Attribution) -> admin_pb2.PolicyAttribution:
     )
 
 
+def control(value: Control) -> admin_pb2.ContinuityControl:
+    return admin_pb2.ContinuityControl(
+        control_id=value.control_id,
+        kind=_CONTROL_KINDS[value.kind],
+        channel=value.channel,
+        sku=value.sku,
+        location=value.location,
+        safety_units=value.units,
+        safety_percent=value.percent,
+        reservations_per_second=value.rate_per_s,
+        until=timestamp(value.until_us),
+        reason=value.reason,
+        attribution=attribution(value.attribution),
+    )
+
+
 def policies(
-    value: Policies, remaining: Callable[[str, str], int]
+    value: Policies, remaining: Callable[[str, str], int], now_us: int
 ) -> admin_pb2.GetPoliciesResponse:
     """Every policy in force; `remaining(sku, channel)` says what a pool has left."""
     return admin_pb2.GetPoliciesResponse(
+        controls=[control(c) for c in value.active_controls(now_us)],
         allocations=[
             admin_pb2.ChannelAllocation(
                 sku=sku,

@@ -29,8 +29,15 @@ def status_of(error: EngineError) -> status_pb2.Status:
         info.metadata["field"] = error.field
     detail = any_pb2.Any()
     detail.Pack(info)
+    details = [detail]
+    if error.retry_after_s:
+        retry = error_details_pb2.RetryInfo()
+        retry.retry_delay.FromNanoseconds(int(error.retry_after_s * 1e9))
+        retry_detail = any_pb2.Any()
+        retry_detail.Pack(retry)
+        details.append(retry_detail)
     return status_pb2.Status(
-        code=_CODES[error.kind], message=error.message, details=[detail]
+        code=_CODES[error.kind], message=error.message, details=details
     )
 
 

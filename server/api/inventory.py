@@ -205,6 +205,9 @@ class InventoryService(inventory_pb2_grpc.InventoryServiceServicer):
                     locations=locations,
                     has_allocation=has_allocation,
                     allocation_remaining=cap if has_allocation else 0,
+                    suppressed=engine.policies.is_suppressed(
+                        request.channel, sku, self._clock.now_us()
+                    ),
                 )
             )
         return inventory_pb2.GetAvailabilityResponse(
@@ -285,9 +288,14 @@ def _batch_result(
 
 class StockAdminService(admin_pb2_grpc.StockAdminServiceServicer):
     def __init__(
-        self, *, ledger: Ledger, on_invariant_broken: Callable[[BaseException], None]
+        self,
+        *,
+        ledger: Ledger,
+        clock: Clock,
+        on_invariant_broken: Callable[[BaseException], None],
     ) -> None:
         self._ledger = ledger
+        self._clock = clock
         self.on_invariant_broken = on_invariant_broken
 
     async def _stock(self, command: cmd.StockCommand) -> cmd.StockResult:
@@ -353,8 +361,27 @@ class StockAdminService(admin_pb2_grpc.StockAdminServiceServicer):
         return admin_pb2.SetChannelAllocationResponse(replayed=replayed)
 
     @guarded
+    async def SetContinuityControl(
+        self, request: admin_pb2.SetContinuityControlRequest, context: Context
+    ) -> admin_pb2.SetContinuityControlResponse:
+        result = await self._ledger.execute(convert.set_control(request))
+        assert isinstance(result, cmd.PolicyResult)
+        return admin_pb2.SetContinuityControlResponse(
+            control_id=result.control_id, replayed=result.replayed
+        )
+
+    @guarded
+    async def LiftContinuityControl(
+        self, request: admin_pb2.LiftContinuityControlRequest, context: Context
+    ) -> admin_pb2.LiftContinuityControlResponse:
+        replayed = await self._policy(convert.lift_control(request))
+        return admin_pb2.LiftContinuityControlResponse(replayed=replayed)
+
+    @guarded
     async def GetPolicies(
         self, request: admin_pb2.GetPoliciesRequest, context: Context
     ) -> admin_pb2.GetPoliciesResponse:
         engine = self._ledger.reader()
-        return convert.policies(engine.policies, engine.allocation_remaining)
+        return convert.policies(
+            engine.policies, engine.allocation_remaining, self._clock.now_us()
+        )

@@ -14,6 +14,7 @@ from typing import Any
 from server.engine.errors import InvalidArgument
 from server.engine.limits import Limits
 from server.engine.model import Reservation
+from server.engine.policy import ControlKind
 
 # Ids are printable ASCII without spaces: they travel through URLs, CSV exports and
 # ERP fields.
@@ -180,6 +181,32 @@ class SetChannelAllocation:
     allocations: tuple[AllocationLevel, ...]
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class SetControl:
+    """A time-boxed continuity control; its id is "<actor>:<change_id>"."""
+
+    actor: str
+    change_id: str
+    kind: ControlKind | None
+    channel: str
+    sku: str
+    location: str
+    units: int
+    percent: int
+    rate_per_s: int
+    until_us: int
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LiftControl:
+    """End a continuity control before its time box does."""
+
+    actor: str
+    change_id: str
+    control_id: str
+
+
 ReservationCommand = Confirm | Release | Fulfill | Extend
 StockCommand = AdjustStock | SetOnHand
 PolicyCommand = (
@@ -188,6 +215,8 @@ PolicyCommand = (
     | SetLocationGroup
     | SetChannelSourcing
     | SetChannelAllocation
+    | SetControl
+    | LiftControl
 )
 Command = Reserve | ReservationCommand | StockCommand | PolicyCommand
 
@@ -201,6 +230,7 @@ class ShortReason(enum.Enum):
     UNKNOWN_LOCATION = "unknown_location"
     OTHER_LINE_SHORT = "other_line_short"
     CHANNEL_ALLOCATION_EXHAUSTED = "channel_allocation_exhausted"
+    CHANNEL_SUPPRESSED = "channel_suppressed"
 
 
 class ReserveOutcome(enum.Enum):
@@ -283,10 +313,12 @@ class StockResult:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class PolicyResult:
+    # The continuity control a SetControl made; empty otherwise.
+    control_id: str = ""
     replayed: bool = False
 
     def to_json(self) -> dict[str, Any]:
-        return {"type": "policy"}
+        return {"type": "policy", "control_id": self.control_id}
 
 
 Result = ReserveResult | ReservationResult | StockResult | PolicyResult
@@ -318,7 +350,7 @@ def result_from_json(body: dict[str, Any], *, replayed: bool) -> Result:
         reservation = Reservation.from_json(body["reservation"])
         return ReservationResult(reservation=reservation, replayed=replayed)
     if body["type"] == "policy":
-        return PolicyResult(replayed=replayed)
+        return PolicyResult(control_id=body.get("control_id", ""), replayed=replayed)
     if body["type"] == "stock":
         positions = tuple(PositionSnapshot(*fields) for fields in body["positions"])
         return StockResult(positions=positions, replayed=replayed)
@@ -359,6 +391,24 @@ def check_id(value: str, *, field: str, length_max: int, required: bool = True) 
         raise InvalidArgument(
             "FIELD_MALFORMED",
             f"{field} must be printable ASCII without spaces",
+            field=field,
+        )
+
+
+def check_text(value: str, *, field: str, length_max: int) -> None:
+    """Free text for people (a reason): required, bounded, no control characters."""
+    if not value.strip():
+        raise InvalidArgument("FIELD_REQUIRED", f"{field} is required", field=field)
+    if len(value) > length_max:
+        raise InvalidArgument(
+            "FIELD_TOO_LONG",
+            f"{field} is {len(value)} characters; at most {length_max} are allowed",
+            field=field,
+        )
+    if not value.isprintable():
+        raise InvalidArgument(
+            "FIELD_MALFORMED",
+            f"{field} must not contain control characters",
             field=field,
         )
 
@@ -565,6 +615,14 @@ def validate_policy_command(command: PolicyCommand, limits: Limits) -> None:
         _validate_group(command, limits)
     elif isinstance(command, SetChannelAllocation):
         _validate_allocations(command, limits)
+    elif isinstance(command, SetControl):
+        _validate_control(command, limits)
+    elif isinstance(command, LiftControl):
+        check_id(
+            command.control_id,
+            field="control_id",
+            length_max=limits.source_length_max + limits.request_id_length_max + 1,
+        )
     else:
         check_id(command.channel, field="channel", length_max=limits.channel_length_max)
         check_id(
@@ -685,3 +743,58 @@ def _validate_allocations(command: SetChannelAllocation, limits: Limits) -> None
                 field=field,
             )
         seen.add((level.sku, level.channel))
+
+
+def _validate_control(command: SetControl, limits: Limits) -> None:
+    if command.kind is None:
+        raise InvalidArgument(
+            "FIELD_REQUIRED", "control.kind is required", field="control.kind"
+        )
+    check_text(
+        command.reason, field="control.reason", length_max=limits.reason_length_max
+    )
+    if command.kind is ControlKind.RAISE_SAFETY:
+        check_id(
+            command.sku,
+            field="control.sku",
+            length_max=limits.sku_length_max,
+            required=False,
+        )
+        check_id(
+            command.location,
+            field="control.location",
+            length_max=limits.location_length_max,
+            required=False,
+        )
+        _check_units(command.units, field="control.safety_units", limits=limits)
+        if not 0 <= command.percent <= 100:
+            raise InvalidArgument(
+                "PERCENT_OUT_OF_RANGE",
+                f"control.safety_percent is {command.percent}; it must be from 0 to 100",
+                field="control.safety_percent",
+            )
+        if not command.units and not command.percent:
+            raise InvalidArgument(
+                "FIELD_REQUIRED",
+                "a safety stock raise needs safety_units or safety_percent",
+                field="control.safety_units",
+            )
+        return
+    check_id(
+        command.channel, field="control.channel", length_max=limits.channel_length_max
+    )
+    if command.kind is ControlKind.SUPPRESS:
+        check_id(
+            command.sku,
+            field="control.sku",
+            length_max=limits.sku_length_max,
+            required=False,
+        )
+        return
+    if not 0 < command.rate_per_s <= limits.throttle_rate_max_per_s:
+        raise InvalidArgument(
+            "RATE_OUT_OF_RANGE",
+            f"control.reservations_per_second is {command.rate_per_s}; it must be from 1 "
+            f"to {limits.throttle_rate_max_per_s}",
+            field="control.reservations_per_second",
+        )

@@ -27,6 +27,7 @@ from server.engine.commands import (
     Confirm,
     Extend,
     Fulfill,
+    LiftControl,
     LineQuantity,
     LineResult,
     PolicyCommand,
@@ -42,6 +43,7 @@ from server.engine.commands import (
     Result,
     SetChannelAllocation,
     SetChannelBuffer,
+    SetControl,
     SetLocationGroup,
     SetOnHand,
     SetSafetyStock,
@@ -61,6 +63,7 @@ from server.engine.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    Overloaded,
     ensure,
 )
 from server.engine.limits import Limits
@@ -70,7 +73,7 @@ from server.engine.model import (
     ReservationLine,
     ReservationState,
 )
-from server.engine.policy import Attribution, Policies
+from server.engine.policy import Attribution, Control, ControlKind, Policies
 from server.engine.shard import Shard, shard_of
 
 US_PER_S = 1_000_000
@@ -189,6 +192,8 @@ class Engine:
         # what an allocation's pool has lent out.
         self.channel_held: dict[tuple[str, str], int] = {}
         self.channel_withheld: dict[tuple[str, str], int] = {}
+        # Throttled channels' token buckets: channel -> (tokens, when counted).
+        self._buckets: dict[str, tuple[float, int]] = {}
 
     # Commands ---------------------------------------------------------------------------
 
@@ -197,7 +202,11 @@ class Engine:
         if isinstance(command, Reserve):
             validate_reserve(command, self.limits)
             key = ("ch:" + command.channel, command.request_id)
-            return self._replay(key, command) or self._reserve(command, key)
+            replay = self._replay(key, command)
+            if replay is not None:
+                return replay
+            self._check_throttle(command.channel)
+            return self._reserve(command, key)
         if isinstance(command, StockCommand):
             validate_stock_command(command, self.limits)
             key = ("src:" + command.source, command.source_event_id)
@@ -330,12 +339,15 @@ class Engine:
             return _LinePlan([], ShortReason.UNKNOWN_SKU, 0)
         if not any(location in self.locations for location in line.candidates):
             return _LinePlan([], ShortReason.UNKNOWN_LOCATION, 0)
+        now_us = self._clock.now_us()
+        if self.policies.is_suppressed(channel, line.sku, now_us):
+            return _LinePlan([], ShortReason.CHANNEL_SUPPRESSED, 0)
 
         offers: list[tuple[Position, int]] = []
         for location in line.candidates:
             position = by_location.get(location)
             if position is not None:
-                free = self.policies.available(position, channel)
+                free = self.policies.available(position, channel, now_us)
                 free -= planned.get(id(position), 0)
                 offers.append((position, max(0, free)))
         # What the line could have had under its own rules, reported when it is short
@@ -399,8 +411,10 @@ class Engine:
 
     def _free_units(self, sku: str) -> int:
         """Units of a sku free to promise anywhere, before channel buffers."""
+        now_us = self._clock.now_us()
         return sum(
-            self.policies.available(p, "") for p in self.positions_of(sku).values()
+            self.policies.available(p, "", now_us)
+            for p in self.positions_of(sku).values()
         )
 
     @staticmethod
@@ -804,7 +818,7 @@ class Engine:
         """The position as it will stand once this command's writes are durable."""
         gain = sum(quantity for p, quantity in pending if p is position)
         free = position.on_hand - position.held - position.withheld + gain
-        free -= self.policies.safety(position.sku, position.location)
+        free -= self.policies.safety(position, self._clock.now_us())
         return PositionSnapshot(
             sku=position.sku,
             location=position.location,
@@ -830,7 +844,9 @@ class Engine:
             "at_us": now_us,
         }
         record = WalRecord(0, shard.take_seq(), "policy", "", body, now_us)
-        return self._decision(key, command, PolicyResult(), record=record, gains=[])
+        control_id = change["control"][0] if change["kind"] == "control" else ""
+        result = PolicyResult(control_id=control_id)
+        return self._decision(key, command, result, record=record, gains=[])
 
     def _policy_change(self, command: PolicyCommand) -> dict[str, Any]:
         """The change as recorded, after checks against the policies in force."""
@@ -858,6 +874,17 @@ class Engine:
                 "name": command.name,
                 "locations": list(command.locations),
             }
+        if isinstance(command, SetControl):
+            return self._control_change(command)
+        if isinstance(command, LiftControl):
+            control = self.policies.controls.get(command.control_id)
+            if control is None or not control.is_active(self._clock.now_us()):
+                raise NotFound(
+                    "CONTROL_NOT_FOUND",
+                    f"no continuity control {command.control_id} in force",
+                    field="control_id",
+                )
+            return {"kind": "lift", "control_id": command.control_id}
         if command.group and command.group not in self.policies.groups:
             raise FailedPrecondition(
                 "GROUP_UNKNOWN",
@@ -871,11 +898,80 @@ class Engine:
             "allow_split": command.allow_split,
         }
 
+    def _control_change(self, command: SetControl) -> dict[str, Any]:
+        now_us = self._clock.now_us()
+        if command.until_us <= now_us:
+            raise InvalidArgument(
+                "TIME_BOX_IN_PAST",
+                "control.until must be in the future",
+                field="control.until",
+            )
+        if command.until_us - now_us > self.limits.control_duration_max_s * US_PER_S:
+            raise InvalidArgument(
+                "TIME_BOX_TOO_LONG",
+                f"a control may last at most {self.limits.control_duration_max_s} s",
+                field="control.until",
+            )
+        assert command.kind is not None
+        control_id = f"{command.actor}:{command.change_id}"
+        control = Control(
+            control_id=control_id,
+            kind=command.kind,
+            channel=command.channel
+            if command.kind is not ControlKind.RAISE_SAFETY
+            else "",
+            sku=command.sku if command.kind is not ControlKind.THROTTLE else "",
+            location=command.location
+            if command.kind is ControlKind.RAISE_SAFETY
+            else "",
+            units=command.units,
+            percent=command.percent,
+            rate_per_s=command.rate_per_s,
+            until_us=command.until_us,
+            reason=command.reason,
+            attribution=Attribution(command.actor, command.change_id, now_us),
+        )
+        for other in self.policies.active_controls(now_us):
+            if other.kind is control.kind and (
+                other.channel,
+                other.sku,
+                other.location,
+            ) == (control.channel, control.sku, control.location):
+                raise FailedPrecondition(
+                    "CONTROL_OVERLAPS",
+                    f"control {other.control_id} already covers the same target until "
+                    "its time box ends; lift it first",
+                    field="control",
+                )
+        return {"kind": "control", "control": control.to_json()[:10]}
+
+    def _check_throttle(self, channel: str) -> None:
+        """A throttled channel gets a token bucket of one second's worth of
+        reservations. Not durable: a restart refills it."""
+        now_us = self._clock.now_us()
+        throttle = self.policies.throttle_of(channel, now_us)
+        if throttle is None:
+            return
+        rate = throttle.rate_per_s
+        tokens, last_us = self._buckets.get(channel, (float(rate), now_us))
+        tokens = min(float(rate), tokens + (now_us - last_us) * rate / US_PER_S)
+        if tokens < 1.0:
+            self._buckets[channel] = (tokens, now_us)
+            raise Overloaded(
+                "CHANNEL_THROTTLED",
+                f"channel {channel} is throttled to {rate} reservations per second "
+                f"({throttle.reason})",
+                field="channel",
+                retry_after_s=(1.0 - tokens) / rate,
+            )
+        self._buckets[channel] = (tokens - 1.0, now_us)
+
     def availability(
         self, sku: str, locations: list[str], channel: str
     ) -> list[tuple[Position, int, int, int]]:
         """(position, safety stock, buffer, available to the channel) per location."""
         wanted = set(locations)
+        now_us = self._clock.now_us()
         rows = []
         for location, position in sorted(self.positions_of(sku).items()):
             if wanted and location not in wanted:
@@ -883,9 +979,9 @@ class Engine:
             rows.append(
                 (
                     position,
-                    self.policies.safety(sku, location),
+                    self.policies.safety(position, now_us),
                     self.policies.buffer(channel, sku),
-                    self.policies.available(position, channel),
+                    self.policies.available(position, channel, now_us),
                 )
             )
         return rows
@@ -1057,6 +1153,7 @@ class Engine:
                 break
             del self._remembered[key]
             forgotten += 1
+        forgotten += self.policies.prune_controls(self._clock.now_us())
         while self._finished and self._finished[0][0] <= horizon_us:
             _, reservation_id = self._finished.popleft()
             reservation = self.reservations.get(reservation_id)
@@ -1119,7 +1216,7 @@ class Engine:
             f"shard {shard} replays seq {seq}, expected {self.shards[shard].next_seq}",
         )
         self.shards[shard].next_seq = seq + 1
-        for sku, location, on_hand_delta, held_delta in body["fx"]:
+        for sku, location, on_hand_delta, held_delta in body.get("fx", ()):
             position = self.shards[shard_of(sku, len(self.shards))].position_or_new(
                 sku, location
             )

@@ -21,11 +21,15 @@ class EngineError(Exception):
 
     kind = ErrorKind.FAILED_PRECONDITION
 
-    def __init__(self, reason: str, message: str, *, field: str = "") -> None:
+    def __init__(
+        self, reason: str, message: str, *, field: str = "", retry_after_s: float = 0.0
+    ) -> None:
         super().__init__(message)
         self.reason = reason
         self.message = message
         self.field = field
+        # When set, the caller may retry after this long (google.rpc.RetryInfo).
+        self.retry_after_s = retry_after_s
 
 
 class InvalidArgument(EngineError):

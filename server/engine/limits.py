@@ -21,6 +21,8 @@ class Limits:
     channel_length_max: int = 64
     order_ref_length_max: int = 128
     source_length_max: int = 64
+    # A sentence or two for the operator who reads it later.
+    reason_length_max: int = 500
     # A preference list longer than this is a scan of the network, not a preference.
     locations_per_line_max: int = 32
     # Stock messages per call, like batch commands.
@@ -34,3 +36,8 @@ class Limits:
     ttl_min_s: int = 1
     # A week: longer holds should be confirmed instead.
     ttl_max_s: int = 7 * 24 * 3600
+    # Continuity controls are for incidents and events: a month at most, so that a
+    # forgotten one does not quietly outlive its reason.
+    control_duration_max_s: int = 31 * 24 * 3600
+    # A throttle above this is no throttle at all for one server.
+    throttle_rate_max_per_s: int = 100_000

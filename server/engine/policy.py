@@ -22,11 +22,20 @@ must leave at least that many units of the sku free. The pool is kept as a sum o
 deltas (setting an allocation records the change from the pool it found), so records
 of different shards replay in any order to the same pool.
 
-Known shortcoming: allocations span every location of a sku; allocations per location
-group are not built yet.
+Continuity controls are time-boxed: each is in force from when it was set until its
+`until_us`, by the clock, so it ends on its own without a record. Suppressing a channel
+makes it see zero and its lines come up CHANNEL_SUPPRESSED; throttling limits its
+reservations per second; raising safety stock adds units or a percentage of on-hand
+to the safety stock of a sku, a location or everything.
+
+Known shortcomings: allocations span every location of a sku (allocations per location
+group are not built yet); controls are scanned linearly on each availability check,
+fine for the handful an incident brings, not for thousands.
 """
 
 import dataclasses
+import enum
+import math
 from typing import Any
 
 from server.engine.model import Position
@@ -48,6 +57,79 @@ class Sourcing:
 
     group: str
     allow_split: bool
+
+
+class ControlKind(enum.Enum):
+    SUPPRESS = "suppress"
+    THROTTLE = "throttle"
+    RAISE_SAFETY = "raise_safety"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Control:
+    control_id: str
+    kind: ControlKind
+    # SUPPRESS and THROTTLE: the channel.
+    channel: str
+    # SUPPRESS and RAISE_SAFETY: one sku, or "" for all.
+    sku: str
+    # RAISE_SAFETY: one location, or "" for all.
+    location: str
+    # RAISE_SAFETY: added units, and added percent of on-hand (rounded up).
+    units: int
+    percent: int
+    # THROTTLE: reservations per second.
+    rate_per_s: int
+    until_us: int
+    reason: str
+    attribution: Attribution
+
+    def is_active(self, now_us: int) -> bool:
+        return self.attribution.at_us <= now_us < self.until_us
+
+    def covers(self, *, channel: str = "", sku: str = "", location: str = "") -> bool:
+        """Whether this control's target includes the given channel, sku and
+        location (blank targets match all)."""
+        return (
+            (not self.channel or self.channel == channel)
+            and (not self.sku or self.sku == sku)
+            and (not self.location or self.location == location)
+        )
+
+    def to_json(self) -> list[Any]:
+        return [
+            self.control_id,
+            self.kind.value,
+            self.channel,
+            self.sku,
+            self.location,
+            self.units,
+            self.percent,
+            self.rate_per_s,
+            self.until_us,
+            self.reason,
+            *_attr(self.attribution),
+        ]
+
+    @classmethod
+    def from_json(cls, fields: list[Any]) -> "Control":
+        control_id, kind, channel, sku, location, units, percent, rate, until = fields[
+            :9
+        ]
+        reason = fields[9]
+        return cls(
+            control_id,
+            ControlKind(kind),
+            channel,
+            sku,
+            location,
+            units,
+            percent,
+            rate,
+            until,
+            reason,
+            Attribution(*fields[10:]),
+        )
 
 
 @dataclasses.dataclass(slots=True)
@@ -73,14 +155,47 @@ class Policies:
     # (sku, channel) -> units in the pool not yet fulfilled, held or free. Kept for
     # removed allocations too (at zero) so that deltas always have a place to land.
     pools: dict[tuple[str, str], int] = dataclasses.field(default_factory=dict)
+    controls: dict[str, Control] = dataclasses.field(default_factory=dict)
 
     # Reading ----------------------------------------------------------------------------
 
-    def safety(self, sku: str, location: str) -> int:
-        level = self.safety_stock.get((sku, location))
+    def safety(self, position: Position, now_us: int) -> int:
+        """Safety stock at a position: its level (or the location's default) plus
+        any raise in force."""
+        level = self.safety_stock.get((position.sku, position.location))
         if level is None:
-            level = self.safety_stock.get(("", location))
-        return level[0] if level else 0
+            level = self.safety_stock.get(("", position.location))
+        units = level[0] if level else 0
+        for control in self.controls.values():
+            if (
+                control.kind is ControlKind.RAISE_SAFETY
+                and control.is_active(now_us)
+                and control.covers(sku=position.sku, location=position.location)
+            ):
+                units += control.units
+                units += math.ceil(max(0, position.on_hand) * control.percent / 100)
+        return units
+
+    def is_suppressed(self, channel: str, sku: str, now_us: int) -> bool:
+        return bool(channel) and any(
+            control.kind is ControlKind.SUPPRESS
+            and control.is_active(now_us)
+            and control.covers(channel=channel, sku=sku)
+            for control in self.controls.values()
+        )
+
+    def throttle_of(self, channel: str, now_us: int) -> Control | None:
+        for control in self.controls.values():
+            if (
+                control.kind is ControlKind.THROTTLE
+                and control.channel == channel
+                and control.is_active(now_us)
+            ):
+                return control
+        return None
+
+    def active_controls(self, now_us: int) -> list[Control]:
+        return [c for c in self.controls.values() if c.is_active(now_us)]
 
     def buffer(self, channel: str, sku: str) -> int:
         if not channel:
@@ -90,10 +205,12 @@ class Policies:
             level = self.buffers.get((channel, ""))
         return level[0] if level else 0
 
-    def available(self, position: Position, channel: str) -> int:
+    def available(self, position: Position, channel: str, now_us: int) -> int:
         """What `channel` ("" for no channel) may still be promised at a position."""
+        if self.is_suppressed(channel, position.sku, now_us):
+            return 0
         free = position.on_hand - position.held - position.withheld
-        free -= self.safety(position.sku, position.location)
+        free -= self.safety(position, now_us)
         free -= self.buffer(channel, position.sku)
         return max(0, free)
 
@@ -132,6 +249,11 @@ class Policies:
                     by_channel.pop(channel, None)
                 if not by_channel:
                     del self.allocations[sku]
+        elif kind == "control":
+            control = Control.from_json([*change["control"], *_attr(attribution)])
+            self.controls[control.control_id] = control
+        elif kind == "lift":
+            self.controls.pop(change["control_id"], None)
         elif kind == "sourcing":
             if change["group"]:
                 sourcing = Sourcing(change["group"], change["allow_split"])
@@ -176,6 +298,7 @@ class Policies:
                 for channel, (exclusive, a) in by_channel.items()
             ],
             "pools": [[*key, units] for key, units in self.pools.items()],
+            "controls": [control.to_json() for control in self.controls.values()],
         }
 
     @classmethod
@@ -195,7 +318,17 @@ class Policies:
             by_channel[channel] = (exclusive, Attribution(*attr))
         for sku, channel, units in body.get("pools", []):
             policies.pools[(sku, channel)] = units
+        for fields in body.get("controls", []):
+            control = Control.from_json(fields)
+            policies.controls[control.control_id] = control
         return policies
+
+    def prune_controls(self, now_us: int) -> int:
+        """Forget controls whose time box has ended."""
+        ended = [cid for cid, c in self.controls.items() if c.until_us <= now_us]
+        for control_id in ended:
+            del self.controls[control_id]
+        return len(ended)
 
 
 def _set(

@@ -47,6 +47,35 @@ ADJUSTMENT_REASON_RETURN_TO_STOCK: AdjustmentReason.ValueType  # 5
 ADJUSTMENT_REASON_TRANSFER: AdjustmentReason.ValueType  # 6
 Global___AdjustmentReason: _TypeAlias = AdjustmentReason  # noqa: Y015
 
+class _ControlKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ControlKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ControlKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CONTROL_KIND_UNSPECIFIED: _ControlKind.ValueType  # 0
+    CONTROL_KIND_SUPPRESS_CHANNEL: _ControlKind.ValueType  # 1
+    """The channel sees zero and its lines come up SHORT_REASON_CHANNEL_SUPPRESSED."""
+    CONTROL_KIND_THROTTLE_CHANNEL: _ControlKind.ValueType  # 2
+    """The channel's Reserves beyond reservations_per_second get RESOURCE_EXHAUSTED with a
+    google.rpc.RetryInfo.
+    """
+    CONTROL_KIND_RAISE_SAFETY_STOCK: _ControlKind.ValueType  # 3
+    """safety_units plus safety_percent of on-hand are added to the safety stock."""
+
+class ControlKind(_ControlKind, metaclass=_ControlKindEnumTypeWrapper): ...
+
+CONTROL_KIND_UNSPECIFIED: ControlKind.ValueType  # 0
+CONTROL_KIND_SUPPRESS_CHANNEL: ControlKind.ValueType  # 1
+"""The channel sees zero and its lines come up SHORT_REASON_CHANNEL_SUPPRESSED."""
+CONTROL_KIND_THROTTLE_CHANNEL: ControlKind.ValueType  # 2
+"""The channel's Reserves beyond reservations_per_second get RESOURCE_EXHAUSTED with a
+google.rpc.RetryInfo.
+"""
+CONTROL_KIND_RAISE_SAFETY_STOCK: ControlKind.ValueType  # 3
+"""safety_units plus safety_percent of on-hand are added to the safety stock."""
+Global___ControlKind: _TypeAlias = ControlKind  # noqa: Y015
+
 @_typing.final
 class StockAdjustment(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -653,6 +682,156 @@ class SetChannelAllocationResponse(_message.Message):
 Global___SetChannelAllocationResponse: _TypeAlias = SetChannelAllocationResponse  # noqa: Y015
 
 @_typing.final
+class ContinuityControl(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONTROL_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    SKU_FIELD_NUMBER: _builtins.int
+    LOCATION_FIELD_NUMBER: _builtins.int
+    SAFETY_UNITS_FIELD_NUMBER: _builtins.int
+    SAFETY_PERCENT_FIELD_NUMBER: _builtins.int
+    RESERVATIONS_PER_SECOND_FIELD_NUMBER: _builtins.int
+    UNTIL_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    ATTRIBUTION_FIELD_NUMBER: _builtins.int
+    control_id: _builtins.str
+    """Set by the server: "<actor>:<change_id>"."""
+    kind: Global___ControlKind.ValueType
+    channel: _builtins.str
+    """Suppress and throttle: the channel."""
+    sku: _builtins.str
+    """Suppress and raise: one sku, or empty for all."""
+    location: _builtins.str
+    """Raise: one location, or empty for all."""
+    safety_units: _builtins.int
+    safety_percent: _builtins.int
+    reservations_per_second: _builtins.int
+    reason: _builtins.str
+    """Why, for the operators who read it later."""
+    @_builtins.property
+    def until(self) -> _timestamp_pb2.Timestamp:
+        """The end of the time box; must be in the future, at most 31 days away."""
+
+    @_builtins.property
+    def attribution(self) -> Global___PolicyAttribution: ...
+    def __init__(
+        self,
+        *,
+        control_id: _builtins.str = ...,
+        kind: Global___ControlKind.ValueType = ...,
+        channel: _builtins.str = ...,
+        sku: _builtins.str = ...,
+        location: _builtins.str = ...,
+        safety_units: _builtins.int = ...,
+        safety_percent: _builtins.int = ...,
+        reservations_per_second: _builtins.int = ...,
+        until: _timestamp_pb2.Timestamp | None = ...,
+        reason: _builtins.str = ...,
+        attribution: Global___PolicyAttribution | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["attribution", b"attribution", "until", b"until"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attribution", b"attribution", "channel", b"channel", "control_id", b"control_id", "kind", b"kind", "location", b"location", "reason", b"reason", "reservations_per_second", b"reservations_per_second", "safety_percent", b"safety_percent", "safety_units", b"safety_units", "sku", b"sku", "until", b"until"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ContinuityControl: _TypeAlias = ContinuityControl  # noqa: Y015
+
+@_typing.final
+class SetContinuityControlRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACTOR_FIELD_NUMBER: _builtins.int
+    CHANGE_ID_FIELD_NUMBER: _builtins.int
+    CONTROL_FIELD_NUMBER: _builtins.int
+    actor: _builtins.str
+    change_id: _builtins.str
+    @_builtins.property
+    def control(self) -> Global___ContinuityControl: ...
+    def __init__(
+        self,
+        *,
+        actor: _builtins.str = ...,
+        change_id: _builtins.str = ...,
+        control: Global___ContinuityControl | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["control", b"control"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "change_id", b"change_id", "control", b"control"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetContinuityControlRequest: _TypeAlias = SetContinuityControlRequest  # noqa: Y015
+
+@_typing.final
+class SetContinuityControlResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONTROL_ID_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    control_id: _builtins.str
+    replayed: _builtins.bool
+    def __init__(
+        self,
+        *,
+        control_id: _builtins.str = ...,
+        replayed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["control_id", b"control_id", "replayed", b"replayed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetContinuityControlResponse: _TypeAlias = SetContinuityControlResponse  # noqa: Y015
+
+@_typing.final
+class LiftContinuityControlRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACTOR_FIELD_NUMBER: _builtins.int
+    CHANGE_ID_FIELD_NUMBER: _builtins.int
+    CONTROL_ID_FIELD_NUMBER: _builtins.int
+    actor: _builtins.str
+    change_id: _builtins.str
+    control_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        actor: _builtins.str = ...,
+        change_id: _builtins.str = ...,
+        control_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "change_id", b"change_id", "control_id", b"control_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LiftContinuityControlRequest: _TypeAlias = LiftContinuityControlRequest  # noqa: Y015
+
+@_typing.final
+class LiftContinuityControlResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    replayed: _builtins.bool
+    def __init__(
+        self,
+        *,
+        replayed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["replayed", b"replayed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LiftContinuityControlResponse: _TypeAlias = LiftContinuityControlResponse  # noqa: Y015
+
+@_typing.final
 class GetPoliciesRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -676,6 +855,7 @@ class GetPoliciesResponse(_message.Message):
     LOCATION_GROUPS_FIELD_NUMBER: _builtins.int
     SOURCING_FIELD_NUMBER: _builtins.int
     ALLOCATIONS_FIELD_NUMBER: _builtins.int
+    CONTROLS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def safety_stock(self) -> _containers.RepeatedCompositeFieldContainer[Global___SafetyStock]: ...
     @_builtins.property
@@ -686,6 +866,10 @@ class GetPoliciesResponse(_message.Message):
     def sourcing(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChannelSourcing]: ...
     @_builtins.property
     def allocations(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChannelAllocation]: ...
+    @_builtins.property
+    def controls(self) -> _containers.RepeatedCompositeFieldContainer[Global___ContinuityControl]:
+        """Controls in force now."""
+
     def __init__(
         self,
         *,
@@ -694,10 +878,11 @@ class GetPoliciesResponse(_message.Message):
         location_groups: _abc.Iterable[Global___LocationGroup] | None = ...,
         sourcing: _abc.Iterable[Global___ChannelSourcing] | None = ...,
         allocations: _abc.Iterable[Global___ChannelAllocation] | None = ...,
+        controls: _abc.Iterable[Global___ContinuityControl] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocations", b"allocations", "buffers", b"buffers", "location_groups", b"location_groups", "safety_stock", b"safety_stock", "sourcing", b"sourcing"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocations", b"allocations", "buffers", b"buffers", "controls", b"controls", "location_groups", b"location_groups", "safety_stock", b"safety_stock", "sourcing", b"sourcing"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -69,6 +69,16 @@ class StockAdminServiceStub:
                 request_serializer=stockward_dot_v1_dot_admin__pb2.SetChannelAllocationRequest.SerializeToString,
                 response_deserializer=stockward_dot_v1_dot_admin__pb2.SetChannelAllocationResponse.FromString,
                 _registered_method=True)
+        self.SetContinuityControl = channel.unary_unary(
+                '/stockward.v1.StockAdminService/SetContinuityControl',
+                request_serializer=stockward_dot_v1_dot_admin__pb2.SetContinuityControlRequest.SerializeToString,
+                response_deserializer=stockward_dot_v1_dot_admin__pb2.SetContinuityControlResponse.FromString,
+                _registered_method=True)
+        self.LiftContinuityControl = channel.unary_unary(
+                '/stockward.v1.StockAdminService/LiftContinuityControl',
+                request_serializer=stockward_dot_v1_dot_admin__pb2.LiftContinuityControlRequest.SerializeToString,
+                response_deserializer=stockward_dot_v1_dot_admin__pb2.LiftContinuityControlResponse.FromString,
+                _registered_method=True)
         self.GetPolicies = channel.unary_unary(
                 '/stockward.v1.StockAdminService/GetPolicies',
                 request_serializer=stockward_dot_v1_dot_admin__pb2.GetPoliciesRequest.SerializeToString,
@@ -135,6 +145,20 @@ class StockAdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetContinuityControl(self, request, context):
+        """A time-boxed continuity control: suppress a channel, throttle a channel, or raise
+        safety stock. It ends on its own at `until`, or when lifted.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LiftContinuityControl(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetPolicies(self, request, context):
         """Every policy in force, with who set it and when.
         """
@@ -179,6 +203,16 @@ def add_StockAdminServiceServicer_to_server(servicer, server):
                     servicer.SetChannelAllocation,
                     request_deserializer=stockward_dot_v1_dot_admin__pb2.SetChannelAllocationRequest.FromString,
                     response_serializer=stockward_dot_v1_dot_admin__pb2.SetChannelAllocationResponse.SerializeToString,
+            ),
+            'SetContinuityControl': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetContinuityControl,
+                    request_deserializer=stockward_dot_v1_dot_admin__pb2.SetContinuityControlRequest.FromString,
+                    response_serializer=stockward_dot_v1_dot_admin__pb2.SetContinuityControlResponse.SerializeToString,
+            ),
+            'LiftContinuityControl': grpc.unary_unary_rpc_method_handler(
+                    servicer.LiftContinuityControl,
+                    request_deserializer=stockward_dot_v1_dot_admin__pb2.LiftContinuityControlRequest.FromString,
+                    response_serializer=stockward_dot_v1_dot_admin__pb2.LiftContinuityControlResponse.SerializeToString,
             ),
             'GetPolicies': grpc.unary_unary_rpc_method_handler(
                     servicer.GetPolicies,
@@ -375,6 +409,60 @@ class StockAdminService:
             '/stockward.v1.StockAdminService/SetChannelAllocation',
             stockward_dot_v1_dot_admin__pb2.SetChannelAllocationRequest.SerializeToString,
             stockward_dot_v1_dot_admin__pb2.SetChannelAllocationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetContinuityControl(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stockward.v1.StockAdminService/SetContinuityControl',
+            stockward_dot_v1_dot_admin__pb2.SetContinuityControlRequest.SerializeToString,
+            stockward_dot_v1_dot_admin__pb2.SetContinuityControlResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LiftContinuityControl(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stockward.v1.StockAdminService/LiftContinuityControl',
+            stockward_dot_v1_dot_admin__pb2.LiftContinuityControlRequest.SerializeToString,
+            stockward_dot_v1_dot_admin__pb2.LiftContinuityControlResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -58,6 +58,11 @@ class StockAdminServiceStub:
     """A channel's pool of units of a sku: its holds draw on it, releases and expiries
     give back, fulfilment consumes. Exclusive pools are ring-fenced from other channels.
     """
+    SetContinuityControl: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetContinuityControlRequest, _admin_pb2.SetContinuityControlResponse]
+    """A time-boxed continuity control: suppress a channel, throttle a channel, or raise
+    safety stock. It ends on its own at `until`, or when lifted.
+    """
+    LiftContinuityControl: _grpc.UnaryUnaryMultiCallable[_admin_pb2.LiftContinuityControlRequest, _admin_pb2.LiftContinuityControlResponse]
     GetPolicies: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetPoliciesRequest, _admin_pb2.GetPoliciesResponse]
     """Every policy in force, with who set it and when."""
 
@@ -89,6 +94,11 @@ class StockAdminServiceAsyncStub(StockAdminServiceStub):
     """A channel's pool of units of a sku: its holds draw on it, releases and expiries
     give back, fulfilment consumes. Exclusive pools are ring-fenced from other channels.
     """
+    SetContinuityControl: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetContinuityControlRequest, _admin_pb2.SetContinuityControlResponse]  # type: ignore[assignment]
+    """A time-boxed continuity control: suppress a channel, throttle a channel, or raise
+    safety stock. It ends on its own at `until`, or when lifted.
+    """
+    LiftContinuityControl: _aio.UnaryUnaryMultiCallable[_admin_pb2.LiftContinuityControlRequest, _admin_pb2.LiftContinuityControlResponse]  # type: ignore[assignment]
     GetPolicies: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetPoliciesRequest, _admin_pb2.GetPoliciesResponse]  # type: ignore[assignment]
     """Every policy in force, with who set it and when."""
 
@@ -159,6 +169,23 @@ class StockAdminServiceServicer(metaclass=_abc_1.ABCMeta):
         """A channel's pool of units of a sku: its holds draw on it, releases and expiries
         give back, fulfilment consumes. Exclusive pools are ring-fenced from other channels.
         """
+
+    @_abc_1.abstractmethod
+    def SetContinuityControl(
+        self,
+        request: _admin_pb2.SetContinuityControlRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.SetContinuityControlResponse, _abc.Awaitable[_admin_pb2.SetContinuityControlResponse]]:
+        """A time-boxed continuity control: suppress a channel, throttle a channel, or raise
+        safety stock. It ends on its own at `until`, or when lifted.
+        """
+
+    @_abc_1.abstractmethod
+    def LiftContinuityControl(
+        self,
+        request: _admin_pb2.LiftContinuityControlRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.LiftContinuityControlResponse, _abc.Awaitable[_admin_pb2.LiftContinuityControlResponse]]: ...
 
     @_abc_1.abstractmethod
     def GetPolicies(

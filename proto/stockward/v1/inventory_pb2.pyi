@@ -48,6 +48,8 @@ class _ShortReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ShortReas
     """
     SHORT_REASON_CHANNEL_ALLOCATION_EXHAUSTED: _ShortReason.ValueType  # 5
     """The channel's allocation of the sku has no units left."""
+    SHORT_REASON_CHANNEL_SUPPRESSED: _ShortReason.ValueType  # 6
+    """A continuity control suppresses the channel for this sku."""
 
 class ShortReason(_ShortReason, metaclass=_ShortReasonEnumTypeWrapper):
     """Why a line got less than it asked for."""
@@ -65,6 +67,8 @@ all-or-nothing.
 """
 SHORT_REASON_CHANNEL_ALLOCATION_EXHAUSTED: ShortReason.ValueType  # 5
 """The channel's allocation of the sku has no units left."""
+SHORT_REASON_CHANNEL_SUPPRESSED: ShortReason.ValueType  # 6
+"""A continuity control suppresses the channel for this sku."""
 Global___ShortReason: _TypeAlias = ShortReason  # noqa: Y015
 
 class _ReserveOutcome:
@@ -665,12 +669,15 @@ class SkuAvailability(_message.Message):
     LOCATIONS_FIELD_NUMBER: _builtins.int
     HAS_ALLOCATION_FIELD_NUMBER: _builtins.int
     ALLOCATION_REMAINING_FIELD_NUMBER: _builtins.int
+    SUPPRESSED_FIELD_NUMBER: _builtins.int
     sku: _builtins.str
     known: _builtins.bool
     """False when no location has ever stocked the sku."""
     has_allocation: _builtins.bool
     """The channel's allocation of the sku, if it has one."""
     allocation_remaining: _builtins.int
+    suppressed: _builtins.bool
+    """A continuity control suppresses the channel for this sku: it sees zero."""
     @_builtins.property
     def total(self) -> Global___Availability:
         """total.available_to_sell is also capped by the channel's allocation and by other
@@ -688,10 +695,11 @@ class SkuAvailability(_message.Message):
         locations: _abc.Iterable[Global___LocationAvailability] | None = ...,
         has_allocation: _builtins.bool = ...,
         allocation_remaining: _builtins.int = ...,
+        suppressed: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["total", b"total"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocation_remaining", b"allocation_remaining", "has_allocation", b"has_allocation", "known", b"known", "locations", b"locations", "sku", b"sku", "total", b"total"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocation_remaining", b"allocation_remaining", "has_allocation", b"has_allocation", "known", b"known", "locations", b"locations", "sku", b"sku", "suppressed", b"suppressed", "total", b"total"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
