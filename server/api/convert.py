@@ -125,6 +125,17 @@ def extend(request: inventory_pb2.ExtendRequest) -> cmd.Extend:
     )
 
 
+def move(request: inventory_pb2.MoveReservationRequest) -> cmd.Move:
+    return cmd.Move(
+        request_id=request.request_id,
+        reservation_id=request.reservation_id,
+        sku=request.sku,
+        from_location=request.from_location,
+        to_location=request.to_location,
+        quantity=request.quantity,
+    )
+
+
 def adjust_stock(request: admin_pb2.AdjustStockRequest) -> cmd.AdjustStock:
     return cmd.AdjustStock(
         source=request.source,
@@ -340,7 +351,8 @@ ReservationResponse = TypeVar(
     bound=inventory_pb2.ConfirmResponse
     | inventory_pb2.ReleaseResponse
     | inventory_pb2.FulfillResponse
-    | inventory_pb2.ExtendResponse,
+    | inventory_pb2.ExtendResponse
+    | inventory_pb2.MoveReservationResponse,
 )
 
 

@@ -122,6 +122,15 @@ class InventoryService(inventory_pb2_grpc.InventoryServiceServicer):
         return convert.reservation_response(result, inventory_pb2.ExtendResponse)
 
     @guarded
+    async def MoveReservation(
+        self, request: inventory_pb2.MoveReservationRequest, context: Context
+    ) -> inventory_pb2.MoveReservationResponse:
+        result = await self._ledger.execute(convert.move(request))
+        return convert.reservation_response(
+            result, inventory_pb2.MoveReservationResponse
+        )
+
+    @guarded
     async def GetReservation(
         self, request: inventory_pb2.GetReservationRequest, context: Context
     ) -> inventory_pb2.GetReservationResponse:
@@ -251,6 +260,8 @@ def _batch_command(
         return convert.fulfill(item.fulfill)
     if kind == "extend":
         return convert.extend(item.extend)
+    if kind == "move":
+        return convert.move(item.move)
     return InvalidArgument(
         "FIELD_REQUIRED",
         f"commands[{index}] sets no command",
@@ -263,12 +274,14 @@ _RESERVATION_RESPONSES: dict[
     type[inventory_pb2.ConfirmResponse]
     | type[inventory_pb2.ReleaseResponse]
     | type[inventory_pb2.FulfillResponse]
-    | type[inventory_pb2.ExtendResponse],
+    | type[inventory_pb2.ExtendResponse]
+    | type[inventory_pb2.MoveReservationResponse],
 ] = {
     "confirm": inventory_pb2.ConfirmResponse,
     "release": inventory_pb2.ReleaseResponse,
     "fulfill": inventory_pb2.FulfillResponse,
     "extend": inventory_pb2.ExtendResponse,
+    "move": inventory_pb2.MoveReservationResponse,
 }
 
 
@@ -376,6 +389,32 @@ class StockAdminService(admin_pb2_grpc.StockAdminServiceServicer):
     ) -> admin_pb2.LiftContinuityControlResponse:
         replayed = await self._policy(convert.lift_control(request))
         return admin_pb2.LiftContinuityControlResponse(replayed=replayed)
+
+    @guarded
+    async def ListAtRiskReservations(
+        self, request: admin_pb2.ListAtRiskReservationsRequest, context: Context
+    ) -> admin_pb2.ListAtRiskReservationsResponse:
+        engine = self._ledger.reader()
+        check_id(
+            request.channel,
+            field="channel",
+            length_max=engine.limits.channel_length_max,
+            required=False,
+        )
+        return admin_pb2.ListAtRiskReservationsResponse(
+            reservations=[
+                admin_pb2.AtRiskReservation(
+                    reservation=convert.reservation(reservation),
+                    lines=[
+                        admin_pb2.AtRiskLine(
+                            sku=sku, location=location, quantity_uncovered=units
+                        )
+                        for sku, location, units in lines
+                    ],
+                )
+                for reservation, lines in engine.at_risk(channel=request.channel)
+            ]
+        )
 
     @guarded
     async def GetPolicies(

@@ -71,6 +71,19 @@ class Fulfill:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class Move:
+    """Move held units of one sku to another location (an order re-sourced to a
+    store for pickup), all or nothing."""
+
+    request_id: str
+    reservation_id: str
+    sku: str
+    from_location: str
+    to_location: str
+    quantity: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Extend:
     request_id: str
     reservation_id: str
@@ -207,7 +220,7 @@ class LiftControl:
     control_id: str
 
 
-ReservationCommand = Confirm | Release | Fulfill | Extend
+ReservationCommand = Confirm | Release | Fulfill | Extend | Move
 StockCommand = AdjustStock | SetOnHand
 PolicyCommand = (
     SetSafetyStock
@@ -512,6 +525,23 @@ def validate_reservation_command(command: ReservationCommand, limits: Limits) ->
     )
     if isinstance(command, Extend):
         check_ttl(command.ttl_s, field="ttl_seconds", limits=limits, zero_ok=False)
+    if isinstance(command, Move):
+        check_id(command.sku, field="sku", length_max=limits.sku_length_max)
+        for name in ("from_location", "to_location"):
+            check_id(
+                getattr(command, name),
+                field=name,
+                length_max=limits.location_length_max,
+            )
+        if command.from_location == command.to_location:
+            raise InvalidArgument(
+                "SAME_LOCATION",
+                "from_location and to_location are the same",
+                field="to_location",
+            )
+        check_quantity(
+            command.quantity, field="quantity", quantity_max=limits.quantity_max
+        )
     if isinstance(command, Release | Fulfill):
         if len(command.lines) > limits.lines_per_reservation_max:
             check_count(
@@ -624,10 +654,14 @@ def validate_policy_command(command: PolicyCommand, limits: Limits) -> None:
             length_max=limits.source_length_max + limits.request_id_length_max + 1,
         )
     else:
-        check_id(command.channel, field="channel", length_max=limits.channel_length_max)
+        check_id(
+            command.channel,
+            field="sourcing.channel",
+            length_max=limits.channel_length_max,
+        )
         check_id(
             command.group,
-            field="location_group",
+            field="sourcing.location_group",
             length_max=limits.location_length_max,
             required=False,
         )
@@ -703,20 +737,24 @@ def _validate_buffers(command: SetChannelBuffer, limits: Limits) -> None:
 
 
 def _validate_group(command: SetLocationGroup, limits: Limits) -> None:
-    check_id(command.name, field="name", length_max=limits.location_length_max)
+    check_id(command.name, field="group.name", length_max=limits.location_length_max)
     if len(command.locations) > limits.locations_per_line_max:
         check_count(
             len(command.locations),
-            field="locations",
+            field="group.locations",
             count_max=limits.locations_per_line_max,
         )
     for index, location in enumerate(command.locations):
         check_id(
-            location, field=f"locations[{index}]", length_max=limits.location_length_max
+            location,
+            field=f"group.locations[{index}]",
+            length_max=limits.location_length_max,
         )
     if len(set(command.locations)) != len(command.locations):
         raise InvalidArgument(
-            "DUPLICATE_LOCATION", "locations names a location twice", field="locations"
+            "DUPLICATE_LOCATION",
+            "group.locations names a location twice",
+            field="group.locations",
         )
 
 

@@ -30,6 +30,7 @@ from server.engine.commands import (
     LiftControl,
     LineQuantity,
     LineResult,
+    Move,
     PolicyCommand,
     PolicyResult,
     PositionSnapshot,
@@ -116,6 +117,13 @@ class Decision:
     gains: list[tuple[Position, int]]
     # Allocation gains, per (channel, sku), likewise.
     channel_gains: list[tuple[tuple[str, str], int]] = dataclasses.field(
+        default_factory=list
+    )
+    # On-hand and pool changes that stop being pending once durable.
+    on_hand_pending: list[tuple[Position, int]] = dataclasses.field(
+        default_factory=list
+    )
+    pool_pending: list[tuple[tuple[str, str], int]] = dataclasses.field(
         default_factory=list
     )
 
@@ -228,6 +236,10 @@ class Engine:
         for key, gain in decision.channel_gains:
             self.channel_withheld[key] -= gain
             ensure(self.channel_withheld[key] >= 0, f"negative withheld for {key}")
+        for position, delta in decision.on_hand_pending:
+            position.on_hand_pending -= delta
+        for pool_key, delta in decision.pool_pending:
+            self.policies.pool_pending[pool_key] -= delta
         if decision.request is not None:
             request = decision.request
             remembered = self._remembered[(request.scope, request.request_id)]
@@ -530,7 +542,86 @@ class Engine:
             return self._confirm(command, reservation, key, now_us)
         if isinstance(command, Extend):
             return self._extend(command, reservation, key, now_us)
+        if isinstance(command, Move):
+            return self._move(command, reservation, key, now_us)
         return self._give_back(command, reservation, key, now_us)
+
+    def _move(
+        self, command: Move, reservation: Reservation, key: tuple[str, str], now_us: int
+    ) -> Decision:
+        """Held units change location atomically; the source's units count as freed
+        once durable, like a release."""
+        if not reservation.is_active:
+            raise FailedPrecondition(
+                f"RESERVATION_{reservation.state.name}",
+                f"reservation {reservation.reservation_id} is {reservation.state.value}",
+                field="reservation_id",
+            )
+        source = next(
+            (
+                line
+                for line in reservation.lines
+                if (line.sku, line.location) == (command.sku, command.from_location)
+            ),
+            None,
+        )
+        if source is None or source.quantity_held < command.quantity:
+            raise FailedPrecondition(
+                "QUANTITY_EXCEEDS_HELD",
+                f"{command.quantity} of {command.sku} at {command.from_location} asked "
+                f"for; {source.quantity_held if source else 0} held",
+                field="quantity",
+            )
+        target = self.shards[shard_of(command.sku, len(self.shards))].position(
+            command.sku, command.to_location
+        )
+        available = (
+            self.policies.available(target, reservation.channel, now_us)
+            if target
+            else 0
+        )
+        if target is None or available < command.quantity:
+            raise FailedPrecondition(
+                "INSUFFICIENT_STOCK_AT_TARGET",
+                f"{command.to_location} can hold {available} of {command.sku}; "
+                f"{command.quantity} asked for",
+                field="to_location",
+            )
+
+        origin = self._position(command.sku, command.from_location)
+        source.quantity_reserved -= command.quantity
+        source.quantity_held -= command.quantity
+        origin.held -= command.quantity
+        origin.withheld += command.quantity
+        target.held += command.quantity
+        origin.check()
+        target.check()
+        self._add_to_line(
+            reservation, command.sku, command.to_location, command.quantity
+        )
+        if source.quantity_reserved == 0:
+            reservation.lines.remove(source)
+        reservation.move_to(reservation.state, now_us=now_us)
+
+        fx = [
+            [command.sku, command.from_location, 0, -command.quantity],
+            [command.sku, command.to_location, 0, command.quantity],
+        ]
+        record = self._record(reservation, "move", fx, now_us)
+        result = ReservationResult(reservation.copy())
+        gains = [(origin, command.quantity)]
+        return self._decision(key, command, result, record=record, gains=gains)
+
+    @staticmethod
+    def _add_to_line(
+        reservation: Reservation, sku: str, location: str, quantity: int
+    ) -> None:
+        for line in reservation.lines:
+            if (line.sku, line.location) == (sku, location):
+                line.quantity_reserved += quantity
+                line.quantity_held += quantity
+                return
+        reservation.lines.append(ReservationLine(sku, location, quantity, quantity))
 
     def _confirm(
         self,
@@ -604,6 +695,7 @@ class Engine:
         gains: list[tuple[Position, int]] = []
         channel_gains: list[tuple[tuple[str, str], int]] = []
         pool_fx: list[list[Any]] = []
+        on_hand_pending: list[tuple[Position, int]] = []
         for line, quantity in amounts:
             position = self._position(line.sku, line.location)
             line.quantity_held -= quantity
@@ -613,6 +705,8 @@ class Engine:
             if is_fulfil:
                 line.quantity_fulfilled += quantity
                 position.on_hand -= quantity
+                position.on_hand_pending -= quantity
+                on_hand_pending.append((position, -quantity))
                 fx.append([line.sku, line.location, -quantity, -quantity])
                 pool_fx.extend(
                     self._consume_pool(line.sku, reservation.channel, quantity)
@@ -634,6 +728,8 @@ class Engine:
         result = ReservationResult(reservation.copy())
         decision = self._decision(key, command, result, record=record, gains=gains)
         decision.channel_gains = channel_gains
+        decision.on_hand_pending = on_hand_pending
+        decision.pool_pending = [((sku, ch), delta) for sku, ch, delta in pool_fx]
         return decision
 
     def _consume_pool(self, sku: str, channel: str, quantity: int) -> list[list[Any]]:
@@ -641,6 +737,8 @@ class Engine:
         if self.policies.allocation_of(sku, channel) is None:
             return []
         self.policies.add_to_pool(sku, channel, -quantity)
+        pending = self.policies.pool_pending
+        pending[(sku, channel)] = pending.get((sku, channel), 0) - quantity
         return [[sku, channel, -quantity]]
 
     def _withhold_for_channel(
@@ -753,11 +851,14 @@ class Engine:
         fx: list[list[Any]] = []
         gains: list[tuple[Position, int]] = []
         touched: list[Position] = []
+        on_hand_pending: list[tuple[Position, int]] = []
         for (sku, location), delta in deltas.items():
             shard = self.shards[shard_of(sku, len(self.shards))]
             position = shard.position_or_new(sku, location)
             self.locations.add(location)
             position.on_hand += delta
+            position.on_hand_pending += delta
+            on_hand_pending.append((position, delta))
             if delta > 0:
                 position.withheld += delta
                 gains.append((position, delta))
@@ -773,7 +874,9 @@ class Engine:
         kind = "adjust" if isinstance(command, AdjustStock) else "set_on_hand"
         record = self._stock_record(home, kind, body, now_us)
         result = StockResult(tuple(self._snapshot(p, pending=gains) for p in touched))
-        return self._decision(key, command, result, record=record, gains=gains)
+        decision = self._decision(key, command, result, record=record, gains=gains)
+        decision.on_hand_pending = on_hand_pending
+        return decision
 
     def _stock_deltas(self, command: StockCommand) -> dict[tuple[str, str], int]:
         """Net on-hand change per position; refuses the whole command if any position
@@ -782,7 +885,7 @@ class Engine:
         if isinstance(command, SetOnHand):
             for count in command.counts:
                 at = (count.sku, count.location)
-                deltas[at] = count.on_hand - self._on_hand(*at)
+                deltas[at] = count.on_hand - self._durable_on_hand(*at)
             return deltas
         last_index: dict[tuple[str, str], int] = {}
         for index, adjustment in enumerate(command.adjustments):
@@ -811,6 +914,11 @@ class Engine:
     def _on_hand(self, sku: str, location: str) -> int:
         position = self.shards[shard_of(sku, len(self.shards))].position(sku, location)
         return position.on_hand if position else 0
+
+    def _durable_on_hand(self, sku: str, location: str) -> int:
+        """On-hand as Postgres has it: without changes whose writes are in flight."""
+        position = self.shards[shard_of(sku, len(self.shards))].position(sku, location)
+        return position.on_hand - position.on_hand_pending if position else 0
 
     def _snapshot(
         self, position: Position, *, pending: list[tuple[Position, int]]
@@ -859,7 +967,12 @@ class Engine:
         if isinstance(command, SetChannelAllocation):
             levels = []
             for x in command.allocations:
-                pool_delta = x.units - self.policies.pools.get((x.sku, x.channel), 0)
+                # From the durable pool, as SetOnHand does from durable on-hand.
+                key = (x.sku, x.channel)
+                durable = self.policies.pools.get(key, 0) - (
+                    self.policies.pool_pending.get(key, 0)
+                )
+                pool_delta = x.units - durable
                 levels.append([x.sku, x.channel, x.units, x.exclusive, pool_delta])
             return {"kind": "allocation", "allocations": levels}
         if isinstance(command, SetLocationGroup):
@@ -867,7 +980,7 @@ class Engine:
                 raise FailedPrecondition(
                     "GROUP_IN_USE",
                     f"location group {command.name} is a channel's sourcing default",
-                    field="name",
+                    field="group.name",
                 )
             return {
                 "kind": "group",
@@ -889,7 +1002,7 @@ class Engine:
             raise FailedPrecondition(
                 "GROUP_UNKNOWN",
                 f"no location group {command.group}",
-                field="location_group",
+                field="sourcing.location_group",
             )
         return {
             "kind": "sourcing",
@@ -993,9 +1106,11 @@ class Engine:
         if remembered is None:
             return None
         if remembered.fingerprint != fingerprint(command):
-            field = (
-                "source_event_id" if isinstance(command, StockCommand) else "request_id"
-            )
+            field = "request_id"
+            if isinstance(command, StockCommand):
+                field = "source_event_id"
+            elif isinstance(command, PolicyCommand):
+                field = "change_id"
             raise InvalidArgument(
                 "REQUEST_ID_REUSED",
                 f"{field} {key[1]!r} was already used for a different request",
@@ -1111,6 +1226,61 @@ class Engine:
         token = _encode_page_token(matches[size - 1]) if len(matches) > size else ""
         return page, token
 
+    def at_risk(
+        self, *, channel: str
+    ) -> list[tuple[Reservation, list[tuple[str, str, int]]]]:
+        """Holds that on-hand can no longer cover, newest first at each position.
+
+        Where on-hand has fallen below held + safety stock (a POS sale, a count, a
+        damage report), the shortfall is laid on the newest holds at that position:
+        those are the ones to re-source or cancel. Nothing is dropped. Returns each
+        such reservation with its uncovered (sku, location, units).
+
+        Known shortcoming: computed on each call by scanning the active reservations,
+        O(active holds); meant for operators, not for a hot path.
+        """
+        now_us = self._clock.now_us()
+        shortfalls: dict[tuple[str, str], int] = {}
+        for position in self.iter_positions():
+            safety = self.policies.safety(position, now_us)
+            short = position.held + safety - position.on_hand
+            if short > 0 and position.held > 0:
+                shortfalls[(position.sku, position.location)] = min(
+                    short, position.held
+                )
+        if not shortfalls:
+            return []
+
+        holders: dict[tuple[str, str], list[tuple[int, str, int]]] = {}
+        for reservation in self.reservations.values():
+            if not reservation.is_active:
+                continue
+            for line in reservation.lines:
+                at = (line.sku, line.location)
+                if at in shortfalls and line.quantity_held:
+                    entry = (
+                        reservation.created_us,
+                        reservation.reservation_id,
+                        line.quantity_held,
+                    )
+                    holders.setdefault(at, []).append(entry)
+
+        uncovered: dict[str, list[tuple[str, str, int]]] = {}
+        for at, shortfall in shortfalls.items():
+            left = shortfall
+            for _, reservation_id, held in sorted(holders.get(at, []), reverse=True):
+                if left <= 0:
+                    break
+                units = min(held, left)
+                uncovered.setdefault(reservation_id, []).append((*at, units))
+                left -= units
+        found = [
+            (self.reservations[rid].copy(), lines) for rid, lines in uncovered.items()
+        ]
+        found = [item for item in found if not channel or item[0].channel == channel]
+        found.sort(key=lambda item: (item[0].created_us, item[0].reservation_id))
+        return found
+
     def _page_size(self, page_size: int) -> int:
         if page_size == 0:
             return self.limits.page_size_default
@@ -1183,8 +1353,10 @@ class Engine:
                 (position.sku, position.location, position.on_hand, position.held)
             )
         ensure(
-            not any(self.channel_withheld.values()),
-            "checkpoint taken with allocation gains withheld",
+            not any(self.channel_withheld.values())
+            and not any(self.policies.pool_pending.values())
+            and not any(p.on_hand_pending for p in self.iter_positions()),
+            "checkpoint taken with changes in flight",
         )
         reservations = [r.to_json() for r in self.reservations.values()]
         seqs = [shard.next_seq - 1 for shard in self.shards]

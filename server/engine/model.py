@@ -59,6 +59,10 @@ class Position:
     on_hand: int = 0
     held: int = 0
     withheld: int = 0
+    # On-hand changes decided but not yet durable. Absolute counts (SetOnHand) are
+    # recorded as a delta from the durable on-hand, so the delta replays to the same
+    # result whether or not the writes in flight land.
+    on_hand_pending: int = 0
 
     @property
     def available_to_sell(self) -> int:

@@ -156,6 +156,9 @@ class Policies:
     # removed allocations too (at zero) so that deltas always have a place to land.
     pools: dict[tuple[str, str], int] = dataclasses.field(default_factory=dict)
     controls: dict[str, Control] = dataclasses.field(default_factory=dict)
+    # Pool changes decided but not yet durable (fulfilments), kept out of the delta a
+    # new allocation records. Not part of checkpoints: zero whenever one is taken.
+    pool_pending: dict[tuple[str, str], int] = dataclasses.field(default_factory=dict)
 
     # Reading ----------------------------------------------------------------------------
 

@@ -79,6 +79,11 @@ class StockAdminServiceStub:
                 request_serializer=stockward_dot_v1_dot_admin__pb2.LiftContinuityControlRequest.SerializeToString,
                 response_deserializer=stockward_dot_v1_dot_admin__pb2.LiftContinuityControlResponse.FromString,
                 _registered_method=True)
+        self.ListAtRiskReservations = channel.unary_unary(
+                '/stockward.v1.StockAdminService/ListAtRiskReservations',
+                request_serializer=stockward_dot_v1_dot_admin__pb2.ListAtRiskReservationsRequest.SerializeToString,
+                response_deserializer=stockward_dot_v1_dot_admin__pb2.ListAtRiskReservationsResponse.FromString,
+                _registered_method=True)
         self.GetPolicies = channel.unary_unary(
                 '/stockward.v1.StockAdminService/GetPolicies',
                 request_serializer=stockward_dot_v1_dot_admin__pb2.GetPoliciesRequest.SerializeToString,
@@ -159,6 +164,14 @@ class StockAdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAtRiskReservations(self, request, context):
+        """Holds that on-hand no longer covers (on-hand fell below held + safety stock), the
+        newest first at each position; nothing is dropped by the server.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetPolicies(self, request, context):
         """Every policy in force, with who set it and when.
         """
@@ -213,6 +226,11 @@ def add_StockAdminServiceServicer_to_server(servicer, server):
                     servicer.LiftContinuityControl,
                     request_deserializer=stockward_dot_v1_dot_admin__pb2.LiftContinuityControlRequest.FromString,
                     response_serializer=stockward_dot_v1_dot_admin__pb2.LiftContinuityControlResponse.SerializeToString,
+            ),
+            'ListAtRiskReservations': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAtRiskReservations,
+                    request_deserializer=stockward_dot_v1_dot_admin__pb2.ListAtRiskReservationsRequest.FromString,
+                    response_serializer=stockward_dot_v1_dot_admin__pb2.ListAtRiskReservationsResponse.SerializeToString,
             ),
             'GetPolicies': grpc.unary_unary_rpc_method_handler(
                     servicer.GetPolicies,
@@ -463,6 +481,33 @@ class StockAdminService:
             '/stockward.v1.StockAdminService/LiftContinuityControl',
             stockward_dot_v1_dot_admin__pb2.LiftContinuityControlRequest.SerializeToString,
             stockward_dot_v1_dot_admin__pb2.LiftContinuityControlResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAtRiskReservations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stockward.v1.StockAdminService/ListAtRiskReservations',
+            stockward_dot_v1_dot_admin__pb2.ListAtRiskReservationsRequest.SerializeToString,
+            stockward_dot_v1_dot_admin__pb2.ListAtRiskReservationsResponse.FromString,
             options,
             channel_credentials,
             insecure,

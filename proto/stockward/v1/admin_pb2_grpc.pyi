@@ -63,6 +63,10 @@ class StockAdminServiceStub:
     safety stock. It ends on its own at `until`, or when lifted.
     """
     LiftContinuityControl: _grpc.UnaryUnaryMultiCallable[_admin_pb2.LiftContinuityControlRequest, _admin_pb2.LiftContinuityControlResponse]
+    ListAtRiskReservations: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListAtRiskReservationsRequest, _admin_pb2.ListAtRiskReservationsResponse]
+    """Holds that on-hand no longer covers (on-hand fell below held + safety stock), the
+    newest first at each position; nothing is dropped by the server.
+    """
     GetPolicies: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetPoliciesRequest, _admin_pb2.GetPoliciesResponse]
     """Every policy in force, with who set it and when."""
 
@@ -99,6 +103,10 @@ class StockAdminServiceAsyncStub(StockAdminServiceStub):
     safety stock. It ends on its own at `until`, or when lifted.
     """
     LiftContinuityControl: _aio.UnaryUnaryMultiCallable[_admin_pb2.LiftContinuityControlRequest, _admin_pb2.LiftContinuityControlResponse]  # type: ignore[assignment]
+    ListAtRiskReservations: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListAtRiskReservationsRequest, _admin_pb2.ListAtRiskReservationsResponse]  # type: ignore[assignment]
+    """Holds that on-hand no longer covers (on-hand fell below held + safety stock), the
+    newest first at each position; nothing is dropped by the server.
+    """
     GetPolicies: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetPoliciesRequest, _admin_pb2.GetPoliciesResponse]  # type: ignore[assignment]
     """Every policy in force, with who set it and when."""
 
@@ -186,6 +194,16 @@ class StockAdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.LiftContinuityControlRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.LiftContinuityControlResponse, _abc.Awaitable[_admin_pb2.LiftContinuityControlResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListAtRiskReservations(
+        self,
+        request: _admin_pb2.ListAtRiskReservationsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListAtRiskReservationsResponse, _abc.Awaitable[_admin_pb2.ListAtRiskReservationsResponse]]:
+        """Holds that on-hand no longer covers (on-hand fell below held + safety stock), the
+        newest first at each position; nothing is dropped by the server.
+        """
 
     @_abc_1.abstractmethod
     def GetPolicies(

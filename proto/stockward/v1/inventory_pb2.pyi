@@ -470,6 +470,63 @@ class ExtendResponse(_message.Message):
 Global___ExtendResponse: _TypeAlias = ExtendResponse  # noqa: Y015
 
 @_typing.final
+class MoveReservationRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    RESERVATION_ID_FIELD_NUMBER: _builtins.int
+    SKU_FIELD_NUMBER: _builtins.int
+    FROM_LOCATION_FIELD_NUMBER: _builtins.int
+    TO_LOCATION_FIELD_NUMBER: _builtins.int
+    QUANTITY_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    reservation_id: _builtins.str
+    sku: _builtins.str
+    from_location: _builtins.str
+    to_location: _builtins.str
+    quantity: _builtins.int
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        reservation_id: _builtins.str = ...,
+        sku: _builtins.str = ...,
+        from_location: _builtins.str = ...,
+        to_location: _builtins.str = ...,
+        quantity: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["from_location", b"from_location", "quantity", b"quantity", "request_id", b"request_id", "reservation_id", b"reservation_id", "sku", b"sku", "to_location", b"to_location"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MoveReservationRequest: _TypeAlias = MoveReservationRequest  # noqa: Y015
+
+@_typing.final
+class MoveReservationResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESERVATION_FIELD_NUMBER: _builtins.int
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    replayed: _builtins.bool
+    @_builtins.property
+    def reservation(self) -> _types_pb2.Reservation: ...
+    def __init__(
+        self,
+        *,
+        reservation: _types_pb2.Reservation | None = ...,
+        replayed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["reservation", b"reservation"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["replayed", b"replayed", "reservation", b"reservation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MoveReservationResponse: _TypeAlias = MoveReservationResponse  # noqa: Y015
+
+@_typing.final
 class GetReservationRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -738,6 +795,7 @@ class Command(_message.Message):
     RELEASE_FIELD_NUMBER: _builtins.int
     FULFILL_FIELD_NUMBER: _builtins.int
     EXTEND_FIELD_NUMBER: _builtins.int
+    MOVE_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def reserve(self) -> Global___ReserveRequest: ...
     @_builtins.property
@@ -748,6 +806,8 @@ class Command(_message.Message):
     def fulfill(self) -> Global___FulfillRequest: ...
     @_builtins.property
     def extend(self) -> Global___ExtendRequest: ...
+    @_builtins.property
+    def move(self) -> Global___MoveReservationRequest: ...
     def __init__(
         self,
         *,
@@ -756,12 +816,13 @@ class Command(_message.Message):
         release: Global___ReleaseRequest | None = ...,
         fulfill: Global___FulfillRequest | None = ...,
         extend: Global___ExtendRequest | None = ...,
+        move: Global___MoveReservationRequest | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "confirm", b"confirm", "extend", b"extend", "fulfill", b"fulfill", "release", b"release", "reserve", b"reserve"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "confirm", b"confirm", "extend", b"extend", "fulfill", b"fulfill", "move", b"move", "release", b"release", "reserve", b"reserve"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "confirm", b"confirm", "extend", b"extend", "fulfill", b"fulfill", "release", b"release", "reserve", b"reserve"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "confirm", b"confirm", "extend", b"extend", "fulfill", b"fulfill", "move", b"move", "release", b"release", "reserve", b"reserve"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_command: _TypeAlias = _typing.Literal["reserve", "confirm", "release", "fulfill", "extend"]  # noqa: Y015
+    _WhichOneofReturnType_command: _TypeAlias = _typing.Literal["reserve", "confirm", "release", "fulfill", "extend", "move"]  # noqa: Y015
     _WhichOneofArgType_command: _TypeAlias = _typing.Literal["command", b"command"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_command) -> _WhichOneofReturnType_command | None: ...
 
@@ -776,6 +837,7 @@ class CommandResult(_message.Message):
     RELEASE_FIELD_NUMBER: _builtins.int
     FULFILL_FIELD_NUMBER: _builtins.int
     EXTEND_FIELD_NUMBER: _builtins.int
+    MOVE_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def reserve(self) -> Global___ReserveResponse: ...
@@ -787,6 +849,8 @@ class CommandResult(_message.Message):
     def fulfill(self) -> Global___FulfillResponse: ...
     @_builtins.property
     def extend(self) -> Global___ExtendResponse: ...
+    @_builtins.property
+    def move(self) -> Global___MoveReservationResponse: ...
     @_builtins.property
     def error(self) -> _status_pb2.Status:
         """What the same command would have got as a gRPC status on its own, with the same
@@ -801,13 +865,14 @@ class CommandResult(_message.Message):
         release: Global___ReleaseResponse | None = ...,
         fulfill: Global___FulfillResponse | None = ...,
         extend: Global___ExtendResponse | None = ...,
+        move: Global___MoveReservationResponse | None = ...,
         error: _status_pb2.Status | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["confirm", b"confirm", "error", b"error", "extend", b"extend", "fulfill", b"fulfill", "release", b"release", "reserve", b"reserve", "result", b"result"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["confirm", b"confirm", "error", b"error", "extend", b"extend", "fulfill", b"fulfill", "move", b"move", "release", b"release", "reserve", b"reserve", "result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["confirm", b"confirm", "error", b"error", "extend", b"extend", "fulfill", b"fulfill", "release", b"release", "reserve", b"reserve", "result", b"result"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["confirm", b"confirm", "error", b"error", "extend", b"extend", "fulfill", b"fulfill", "move", b"move", "release", b"release", "reserve", b"reserve", "result", b"result"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["reserve", "confirm", "release", "fulfill", "extend", "error"]  # noqa: Y015
+    _WhichOneofReturnType_result: _TypeAlias = _typing.Literal["reserve", "confirm", "release", "fulfill", "extend", "move", "error"]  # noqa: Y015
     _WhichOneofArgType_result: _TypeAlias = _typing.Literal["result", b"result"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_result) -> _WhichOneofReturnType_result | None: ...
 

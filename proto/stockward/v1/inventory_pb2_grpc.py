@@ -59,6 +59,11 @@ class InventoryServiceStub:
                 request_serializer=stockward_dot_v1_dot_inventory__pb2.ExtendRequest.SerializeToString,
                 response_deserializer=stockward_dot_v1_dot_inventory__pb2.ExtendResponse.FromString,
                 _registered_method=True)
+        self.MoveReservation = channel.unary_unary(
+                '/stockward.v1.InventoryService/MoveReservation',
+                request_serializer=stockward_dot_v1_dot_inventory__pb2.MoveReservationRequest.SerializeToString,
+                response_deserializer=stockward_dot_v1_dot_inventory__pb2.MoveReservationResponse.FromString,
+                _registered_method=True)
         self.GetReservation = channel.unary_unary(
                 '/stockward.v1.InventoryService/GetReservation',
                 request_serializer=stockward_dot_v1_dot_inventory__pb2.GetReservationRequest.SerializeToString,
@@ -119,6 +124,14 @@ class InventoryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MoveReservation(self, request, context):
+        """Move held units of one sku to another location (an order re-sourced to a store for
+        pickup), atomically; FAILED_PRECONDITION and no change if the target lacks stock.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetReservation(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -172,6 +185,11 @@ def add_InventoryServiceServicer_to_server(servicer, server):
                     servicer.Extend,
                     request_deserializer=stockward_dot_v1_dot_inventory__pb2.ExtendRequest.FromString,
                     response_serializer=stockward_dot_v1_dot_inventory__pb2.ExtendResponse.SerializeToString,
+            ),
+            'MoveReservation': grpc.unary_unary_rpc_method_handler(
+                    servicer.MoveReservation,
+                    request_deserializer=stockward_dot_v1_dot_inventory__pb2.MoveReservationRequest.FromString,
+                    response_serializer=stockward_dot_v1_dot_inventory__pb2.MoveReservationResponse.SerializeToString,
             ),
             'GetReservation': grpc.unary_unary_rpc_method_handler(
                     servicer.GetReservation,
@@ -329,6 +347,33 @@ class InventoryService:
             '/stockward.v1.InventoryService/Extend',
             stockward_dot_v1_dot_inventory__pb2.ExtendRequest.SerializeToString,
             stockward_dot_v1_dot_inventory__pb2.ExtendResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MoveReservation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stockward.v1.InventoryService/MoveReservation',
+            stockward_dot_v1_dot_inventory__pb2.MoveReservationRequest.SerializeToString,
+            stockward_dot_v1_dot_inventory__pb2.MoveReservationResponse.FromString,
             options,
             channel_credentials,
             insecure,

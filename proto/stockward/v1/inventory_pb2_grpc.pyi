@@ -48,6 +48,10 @@ class InventoryServiceStub:
     """Shipped or picked up: on-hand and the hold both drop, in whole or in part."""
     Extend: _grpc.UnaryUnaryMultiCallable[_inventory_pb2.ExtendRequest, _inventory_pb2.ExtendResponse]
     """Push expires_at of a pending hold further out."""
+    MoveReservation: _grpc.UnaryUnaryMultiCallable[_inventory_pb2.MoveReservationRequest, _inventory_pb2.MoveReservationResponse]
+    """Move held units of one sku to another location (an order re-sourced to a store for
+    pickup), atomically; FAILED_PRECONDITION and no change if the target lacks stock.
+    """
     GetReservation: _grpc.UnaryUnaryMultiCallable[_inventory_pb2.GetReservationRequest, _inventory_pb2.GetReservationResponse]
     ListReservations: _grpc.UnaryUnaryMultiCallable[_inventory_pb2.ListReservationsRequest, _inventory_pb2.ListReservationsResponse]
     GetAvailability: _grpc.UnaryUnaryMultiCallable[_inventory_pb2.GetAvailabilityRequest, _inventory_pb2.GetAvailabilityResponse]
@@ -69,6 +73,10 @@ class InventoryServiceAsyncStub(InventoryServiceStub):
     """Shipped or picked up: on-hand and the hold both drop, in whole or in part."""
     Extend: _aio.UnaryUnaryMultiCallable[_inventory_pb2.ExtendRequest, _inventory_pb2.ExtendResponse]  # type: ignore[assignment]
     """Push expires_at of a pending hold further out."""
+    MoveReservation: _aio.UnaryUnaryMultiCallable[_inventory_pb2.MoveReservationRequest, _inventory_pb2.MoveReservationResponse]  # type: ignore[assignment]
+    """Move held units of one sku to another location (an order re-sourced to a store for
+    pickup), atomically; FAILED_PRECONDITION and no change if the target lacks stock.
+    """
     GetReservation: _aio.UnaryUnaryMultiCallable[_inventory_pb2.GetReservationRequest, _inventory_pb2.GetReservationResponse]  # type: ignore[assignment]
     ListReservations: _aio.UnaryUnaryMultiCallable[_inventory_pb2.ListReservationsRequest, _inventory_pb2.ListReservationsResponse]  # type: ignore[assignment]
     GetAvailability: _aio.UnaryUnaryMultiCallable[_inventory_pb2.GetAvailabilityRequest, _inventory_pb2.GetAvailabilityResponse]  # type: ignore[assignment]
@@ -117,6 +125,16 @@ class InventoryServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_inventory_pb2.ExtendResponse, _abc.Awaitable[_inventory_pb2.ExtendResponse]]:
         """Push expires_at of a pending hold further out."""
+
+    @_abc_1.abstractmethod
+    def MoveReservation(
+        self,
+        request: _inventory_pb2.MoveReservationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_inventory_pb2.MoveReservationResponse, _abc.Awaitable[_inventory_pb2.MoveReservationResponse]]:
+        """Move held units of one sku to another location (an order re-sourced to a store for
+        pickup), atomically; FAILED_PRECONDITION and no change if the target lacks stock.
+        """
 
     @_abc_1.abstractmethod
     def GetReservation(
