@@ -86,3 +86,25 @@ def test_readme_python_example_reserves_from_the_demo_catalogue(
     assert printed[0] == "1"
     assert printed[1].startswith("r")
     assert "STORE-NYC-01" in " ".join(printed)
+
+
+def test_readme_flash_sale_example_holds_what_it_says(
+    demo_server: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
+    assert len(blocks) >= 2, "the README lost its flash sale example"
+    example = blocks[1]
+    assert README_ADDRESS in example
+
+    exec(compile(example.replace(README_ADDRESS, demo_server), "README", "exec"), {})
+
+    printed = capsys.readouterr().out.splitlines()
+    assert printed == [
+        "pickup: RESERVE_OUTCOME_RESERVED",
+        "web sold: 12",
+        "web can still sell 0",
+        "marketplace can still sell 2",
+    ]
+    text = README.read_text()
+    for line in printed:
+        assert f"`{line}`" in text, f"the README no longer says {line!r}"

@@ -8,6 +8,10 @@ engine decision durable before the next command, and from then on a gain is simp
 visible. It shares with the engine only the command and result values and the enums that
 both speak; every rule here was written from the contract, not from the engine's code.
 
+Policies are plain tables here too: safety stock per (sku, location), buffers per
+(channel, sku), groups by name and sourcing by channel, each entry with who set it. What
+a channel may hold at a position is computed on demand from those tables and the holds.
+
 Where the contract leaves a choice open, the model states the engine's documented choice
 next to the rule, so that a disagreement points at one sentence.
 """
@@ -24,14 +28,18 @@ from server.engine.commands import (
     Fulfill,
     LineQuantity,
     LineResult,
+    PolicyResult,
     PositionSnapshot,
     Release,
-    ReservationCommand,
     Reserve,
     ReserveLine,
     ReserveOutcome,
     ReserveResult,
+    SetChannelBuffer,
+    SetChannelSourcing,
+    SetLocationGroup,
     SetOnHand,
+    SetSafetyStock,
     ShortReason,
     StockResult,
 )
@@ -78,7 +86,36 @@ class PositionView:
     available_to_sell: int
 
 
-ModelResult = ReserveResult | ReservationView | StockResult
+@dataclasses.dataclass(frozen=True, slots=True)
+class ChannelView:
+    """One position as a channel sees it ("" for no channel)."""
+
+    safety_stock: int
+    buffer: int
+    available_to_sell: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SetBy:
+    """Who made a policy setting, under which change id, and when."""
+
+    actor: str
+    change_id: str
+    at_us: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PoliciesView:
+    # (sku, location) -> units; sku "" is the location's default.
+    safety_stock: dict[At, tuple[int, SetBy]]
+    # (channel, sku) -> units; sku "" is the channel's default.
+    buffers: dict[tuple[str, str], tuple[int, SetBy]]
+    groups: dict[str, tuple[tuple[str, ...], SetBy]]
+    # channel -> (group, allow_split)
+    sourcing: dict[str, tuple[tuple[str, bool], SetBy]]
+
+
+ModelResult = ReserveResult | ReservationView | StockResult | PolicyResult
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -142,6 +179,7 @@ class ReferenceModel:
         self._ids = itertools.count(1)
         # Answered requests by key: the command with its key blanked, and the answer.
         self._answers: dict[tuple[str, str, str], tuple[Command, ModelResult]] = {}
+        self.policies = PoliciesView({}, {}, {}, {})
 
     # Reads -------------------------------------------------------------------------------
 
@@ -163,6 +201,31 @@ class ReferenceModel:
             )
             for at, on_hand in self.on_hand.items()
         }
+
+    def safety_stock(self, at: At) -> int:
+        """A sku's own level, else the location's default, else none."""
+        location = at[1]
+        for key in (at, ("", location)):
+            if key in self.policies.safety_stock:
+                return self.policies.safety_stock[key][0]
+        return 0
+
+    def buffer(self, channel: str, sku: str) -> int:
+        """A channel's buffer for the sku, else its default; no channel, no buffer."""
+        for key in ((channel, sku), (channel, "")):
+            if key in self.policies.buffers:
+                return self.policies.buffers[key][0]
+        return 0
+
+    def channel_views(self, channel: str) -> dict[At, ChannelView]:
+        held = self.held()
+        views: dict[At, ChannelView] = {}
+        for at, on_hand in self.on_hand.items():
+            safety = self.safety_stock(at)
+            buffer = self.buffer(channel, at[0])
+            left = on_hand - held.get(at, 0) - safety - buffer
+            views[at] = ChannelView(safety, buffer, max(0, left))
+        return views
 
     def view(self, reservation_id: str) -> ReservationView:
         reservation = self.reservations[reservation_id]
@@ -207,6 +270,13 @@ class ReferenceModel:
             key = ("order", command.channel, command.request_id)
             keyless = dataclasses.replace(command, request_id="")
             return self._once(key, keyless, lambda: self._reserve(command, now_us))
+        if isinstance(
+            command,
+            SetSafetyStock | SetChannelBuffer | SetLocationGroup | SetChannelSourcing,
+        ):
+            key = ("policy", command.actor, command.change_id)
+            keyless = dataclasses.replace(command, change_id="")
+            return self._once(key, keyless, lambda: self._policy(command, now_us))
 
         assert isinstance(command, Confirm | Release | Fulfill | Extend)
         # A change is keyed in the channel of the reservation it names, so an unknown
@@ -274,13 +344,16 @@ class ReferenceModel:
 
         self.on_hand.update(after)
         positions = self.positions()
+        # The answer shows what may be sold at each position without a channel's view:
+        # net of safety stock, with no buffer.
+        views = self.channel_views("")
         snapshots = tuple(
             PositionSnapshot(
                 sku=sku,
                 location=location,
                 on_hand=positions[(sku, location)].on_hand,
                 held=positions[(sku, location)].held,
-                available_to_sell=positions[(sku, location)].available_to_sell,
+                available_to_sell=views[(sku, location)].available_to_sell,
             )
             for sku, location in after
         )
@@ -289,9 +362,13 @@ class ReferenceModel:
     # Reserve -----------------------------------------------------------------------------
 
     def _reserve(self, command: Reserve, now_us: int) -> Outcome:
-        free = {at: view.available_to_sell for at, view in self.positions().items()}
+        sourced = self._sourced(command)
+        if isinstance(sourced, Refused):
+            return sourced
+        views = self.channel_views(command.channel)
+        free = {at: view.available_to_sell for at, view in views.items()}
         plans: list[_Plan] = []
-        for line in command.lines:
+        for line in sourced:
             plan = self._plan(line, free)
             for location, quantity in plan.takes:
                 free[(line.sku, location)] -= quantity
@@ -326,6 +403,24 @@ class ReferenceModel:
             ReserveOutcome.PARTIALLY_RESERVED if is_short else ReserveOutcome.RESERVED
         )
         return self._reserve_answer(reservation_id, outcome, command, plans, expires_us)
+
+    def _sourced(self, command: Reserve) -> list[ReserveLine] | Refused:
+        """A line that names no location is held from its channel's group, with the
+        channel's split rule; without a group for the channel the request is refused."""
+        lines: list[ReserveLine] = []
+        for line in command.lines:
+            if line.location or line.locations:
+                lines.append(line)
+                continue
+            entry = self.policies.sourcing.get(command.channel)
+            if entry is None:
+                return Refused(ErrorKind.FAILED_PRECONDITION, "CHANNEL_HAS_NO_SOURCING")
+            (group, allow_split), _ = entry
+            locations = self.policies.groups[group][0]
+            lines.append(
+                dataclasses.replace(line, locations=locations, allow_split=allow_split)
+            )
+        return lines
 
     def _plan(self, line: ReserveLine, free: dict[At, int]) -> _Plan:
         candidates = (line.location,) if line.location else line.locations
@@ -398,9 +493,51 @@ class ReferenceModel:
         )
         return Answered(result, replayed=False)
 
+    # Policies ----------------------------------------------------------------------------
+
+    def _policy(
+        self,
+        command: SetSafetyStock
+        | SetChannelBuffer
+        | SetLocationGroup
+        | SetChannelSourcing,
+        now_us: int,
+    ) -> Outcome:
+        """Zero units, an empty group and an empty sourcing group each remove the
+        setting; a group a channel sources from cannot be removed, and a channel cannot
+        source from a group that does not exist."""
+        by = SetBy(command.actor, command.change_id, now_us)
+        tables = self.policies
+        if isinstance(command, SetSafetyStock):
+            for level in command.levels:
+                _put(tables.safety_stock, (level.sku, level.location), level.units, by)
+        elif isinstance(command, SetChannelBuffer):
+            for item in command.buffers:
+                _put(tables.buffers, (item.channel, item.sku), item.units, by)
+        elif isinstance(command, SetLocationGroup):
+            in_use = {group for (group, _), _ in tables.sourcing.values()}
+            if not command.locations and command.name in in_use:
+                return Refused(ErrorKind.FAILED_PRECONDITION, "GROUP_IN_USE")
+            if command.locations:
+                tables.groups[command.name] = (command.locations, by)
+            else:
+                tables.groups.pop(command.name, None)
+        elif command.group:
+            if command.group not in tables.groups:
+                return Refused(ErrorKind.FAILED_PRECONDITION, "GROUP_UNKNOWN")
+            tables.sourcing[command.channel] = (
+                (command.group, command.allow_split),
+                by,
+            )
+        else:
+            tables.sourcing.pop(command.channel, None)
+        return Answered(PolicyResult(), replayed=False)
+
     # Changes to one reservation ----------------------------------------------------------
 
-    def _change(self, command: ReservationCommand, now_us: int) -> Outcome:
+    def _change(
+        self, command: Confirm | Release | Fulfill | Extend, now_us: int
+    ) -> Outcome:
         reservation_id = command.reservation_id
         reservation = self.reservations[reservation_id]
         # A hold past its expiry is expired even before the sweep reaches it; only a
@@ -476,6 +613,18 @@ class ReferenceModel:
             )
             reservation.expires_us = 0
         return Answered(self.view(reservation_id), replayed=False)
+
+
+def _put(
+    table: dict[tuple[str, str], tuple[int, SetBy]],
+    key: tuple[str, str],
+    units: int,
+    by: SetBy,
+) -> None:
+    if units:
+        table[key] = (units, by)
+    else:
+        table.pop(key, None)
 
 
 def _drop(plan: _Plan) -> _Plan:

@@ -6,8 +6,9 @@ Commands are generated in the engine's reservation ids and translated for the mo
 which names its reservations itself; the map between the two is learnt when a Reserve
 is answered. Every engine decision is marked durable at once, which is what lets the
 model ignore withheld gains. After every step the test compares the answer (or the
-refusal's kind and reason), every position, the reservations, and the engine's own
-invariants.
+refusal's kind and reason), every position, what each channel may hold at every
+position, the policies in force with who set them, the reservations, and the engine's
+own invariants.
 
 The recovery test records what a ledger would have written (write-ahead records and
 request rows), rebuilds a second engine from a checkpoint taken part-way plus the later
@@ -33,6 +34,7 @@ from server.engine.commands import (
     Adjustment,
     AdjustmentReason,
     AdjustStock,
+    BufferLevel,
     Command,
     Confirm,
     Extend,
@@ -40,13 +42,19 @@ from server.engine.commands import (
     LineQuantity,
     OnHandCount,
     PolicyCommand,
+    PolicyResult,
     Release,
     ReservationResult,
     Reserve,
     ReserveLine,
     ReserveResult,
     Result,
+    SafetyLevel,
+    SetChannelBuffer,
+    SetChannelSourcing,
+    SetLocationGroup,
     SetOnHand,
+    SetSafetyStock,
     StockResult,
 )
 from server.engine.engine import Decision, Engine, Replay, RequestRow, WalRecord
@@ -56,13 +64,16 @@ from server.engine.model import ACTIVE_STATES, Reservation
 from tests.engine.reference_model import (
     Answered,
     At,
+    ChannelView,
     LineView,
     ModelResult,
     Outcome,
+    PoliciesView,
     PositionView,
     ReferenceModel,
     Refused,
     ReservationView,
+    SetBy,
 )
 from tests.engine.support import IdSource
 
@@ -86,7 +97,27 @@ POSITIONS = tuple((sku, location) for sku in SKUS for location in LOCATIONS)
 UNKNOWN_SKU = "sku-unstocked"
 UNKNOWN_LOCATION = "loc-unstocked"
 CHANNELS = ("web", "app")
+# What GetAvailability can be asked for: no channel's view, or one channel's.
+VIEWS = ("", *CHANNELS)
 SOURCES = ("erp", "pos")
+ACTORS = ("ops", "planner")
+# Two groups, so that a channel can source from one while the other is removed; the
+# unknown group is never defined.
+GROUPS = ("near", "far")
+UNKNOWN_GROUP = "group-undefined"
+# Policy levels stay small next to the counts (0 to 20), so that they bite without
+# leaving nothing to sell.
+POLICY_UNITS_MAX = 6
+# How often a generated policy level, group or sourcing is a removal.
+REMOVAL_SHARE = 0.3
+# How often a reserve line names no location and relies on its channel's group: often
+# when the channel has one, now and then when it has none (CHANNEL_HAS_NO_SOURCING).
+SOURCED_LINE_SHARE = 0.4
+UNSOURCED_LINE_SHARE = 0.03
+# How often a sourcing change names a group that does not exist (GROUP_UNKNOWN) or
+# removes the channel's default.
+UNKNOWN_GROUP_SHARE = 0.1
+SOURCING_REMOVAL_SHARE = 0.2
 # Far more holds than a sequence makes, so one sweep takes every due hold.
 EXPIRIES_PER_SWEEP_MAX = 10_000
 # Clock steps, seconds: many smaller than the shortest hold, some past the default TTL.
@@ -107,7 +138,12 @@ STEP_WEIGHTS = {
     "retry": 7,
     "reuse_key": 3,
     "unknown_reservation": 2,
+    "safety_stock": 3,
+    "buffer": 3,
+    "group": 3,
+    "sourcing": 3,
 }
+POLICY_STEPS = ("safety_stock", "buffer", "group", "sourcing")
 
 
 # Seeds ---------------------------------------------------------------------------------
@@ -183,6 +219,37 @@ def engine_positions(engine: Engine) -> dict[At, PositionView]:
         (p.sku, p.location): PositionView(p.on_hand, p.held, p.available_to_sell)
         for p in engine.iter_positions()
     }
+
+
+def engine_channel_views(engine: Engine, channel: str) -> dict[At, ChannelView]:
+    """Every stocked position as `channel` sees it, through the engine's read."""
+    views: dict[At, ChannelView] = {}
+    for sku in SKUS:
+        for position, safety, buffer, units in engine.availability(sku, [], channel):
+            views[(sku, position.location)] = ChannelView(safety, buffer, units)
+    return views
+
+
+def engine_policies(engine: Engine) -> PoliciesView:
+    policies = engine.policies
+    return PoliciesView(
+        safety_stock={
+            at: (units, SetBy(a.actor, a.change_id, a.at_us))
+            for at, (units, a) in policies.safety_stock.items()
+        },
+        buffers={
+            at: (units, SetBy(a.actor, a.change_id, a.at_us))
+            for at, (units, a) in policies.buffers.items()
+        },
+        groups={
+            name: (locations, SetBy(a.actor, a.change_id, a.at_us))
+            for name, (locations, a) in policies.groups.items()
+        },
+        sourcing={
+            channel: ((s.group, s.allow_split), SetBy(a.actor, a.change_id, a.at_us))
+            for channel, (s, a) in policies.sourcing.items()
+        },
+    )
 
 
 def check_invariants(engine: Engine, where: str) -> None:
@@ -302,6 +369,8 @@ class Comparison:
             return self.reuse_key(self.rng.choice(self.sent))
         if name == "unknown_reservation":
             return self.change(self.rng.choice(("confirm", "release", "extend")))
+        if name in POLICY_STEPS:
+            return self.policy_change(name, self.rng.choice(ACTORS), self.key("chg-"))
         return self.change(name)
 
     # Generators --------------------------------------------------------------------------
@@ -332,15 +401,21 @@ class Comparison:
         )
 
     def reserve(self, *, channel: str = "", request_id: str = "") -> Reserve:
+        channel = channel or self.rng.choice(CHANNELS)
+        is_sourced = channel in self.model.policies.sourcing
+        sourced_share = SOURCED_LINE_SHARE if is_sourced else UNSOURCED_LINE_SHARE
         lines: list[ReserveLine] = []
         for _ in range(self.rng.randint(1, 3)):
             sku = self.rng.choice(SKUS) if self.rng.random() < 0.95 else UNKNOWN_SKU
             if lines and self.rng.random() < 0.25:
                 sku = self.rng.choice(lines).sku
-            lines.append(self.reserve_line(sku))
+            if self.rng.random() < sourced_share:
+                lines.append(ReserveLine(sku, self.rng.randint(1, 12)))
+            else:
+                lines.append(self.reserve_line(sku))
         return Reserve(
             request_id=request_id or self.key("req-"),
-            channel=channel or self.rng.choice(CHANNELS),
+            channel=channel,
             lines=tuple(lines),
             order_ref=self.rng.choice(("", "order-1", "order-2")),
             ttl_s=self.rng.choice((0, self.rng.randint(1, 300))),
@@ -358,6 +433,46 @@ class Comparison:
         locations = tuple(self.rng.sample(places, k=self.rng.randint(1, 3)))
         return ReserveLine(
             sku, quantity, locations=locations, allow_split=style == "split"
+        )
+
+    def policy_units(self) -> int:
+        if self.rng.random() < REMOVAL_SHARE:
+            return 0
+        return self.rng.randint(1, POLICY_UNITS_MAX)
+
+    def policy_change(self, name: str, actor: str, change_id: str) -> PolicyCommand:
+        """A valid policy change; removals, a group in use and an unknown group among
+        them."""
+        rng = self.rng
+        if name == "safety_stock":
+            places = [(sku, loc) for sku in ("", *SKUS) for loc in LOCATIONS]
+            chosen = rng.sample(places, k=rng.randint(1, 3))
+            levels = tuple(
+                SafetyLevel(s, loc, self.policy_units()) for s, loc in chosen
+            )
+            return SetSafetyStock(actor, change_id, levels)
+        if name == "buffer":
+            keys = [(channel, sku) for channel in CHANNELS for sku in ("", *SKUS)]
+            chosen = rng.sample(keys, k=rng.randint(1, 2))
+            buffers = tuple(BufferLevel(c, s, self.policy_units()) for c, s in chosen)
+            return SetChannelBuffer(actor, change_id, buffers)
+        if name == "group":
+            locations: tuple[str, ...] = ()
+            if rng.random() >= REMOVAL_SHARE:
+                choices = [*LOCATIONS, UNKNOWN_LOCATION]
+                locations = tuple(rng.sample(choices, k=rng.randint(1, 3)))
+            return SetLocationGroup(actor, change_id, rng.choice(GROUPS), locations)
+        assert name == "sourcing", name
+        defined = [g for g in GROUPS if g in self.model.policies.groups]
+        draw = rng.random()
+        if draw < UNKNOWN_GROUP_SHARE or not defined:
+            group = UNKNOWN_GROUP
+        elif draw < UNKNOWN_GROUP_SHARE + SOURCING_REMOVAL_SHARE:
+            group = ""
+        else:
+            group = rng.choice(defined)
+        return SetChannelSourcing(
+            actor, change_id, rng.choice(CHANNELS), group, rng.random() < 0.5
         )
 
     def target(self) -> str:
@@ -413,7 +528,9 @@ class Comparison:
             return dataclasses.replace(
                 fresh, source=earlier.source, source_event_id=earlier.source_event_id
             )
-        assert not isinstance(earlier, PolicyCommand)
+        if isinstance(earlier, PolicyCommand):
+            name = self.rng.choice(POLICY_STEPS)
+            return self.policy_change(name, earlier.actor, earlier.change_id)
         if self.rng.random() < 0.5:
             channel = earlier.channel if isinstance(earlier, Reserve) else ""
             return self.reserve(channel=channel, request_id=earlier.request_id)
@@ -488,7 +605,7 @@ class Comparison:
         elif isinstance(result, ReservationResult):
             model_result = engine_view(result.reservation)
         else:
-            assert isinstance(result, StockResult)
+            assert isinstance(result, StockResult | PolicyResult)
             model_result = dataclasses.replace(result, replayed=False)
         return Answered(model_result, replayed=answer.replayed)
 
@@ -543,6 +660,10 @@ class Comparison:
     def compare_state(self, touched: list[str]) -> None:
         where = self.where()
         assert engine_positions(self.engine) == self.model.positions(), where
+        assert engine_policies(self.engine) == self.model.policies, where
+        # One view per step, in turn, keeps the run short: each is compared every third
+        # step, and all of them by `compare_all`.
+        self.compare_channel_view(VIEWS[self.step_index % len(VIEWS)])
         check_invariants(self.engine, where)
         assert len(self.engine.reservations) == len(self.model.reservations), where
         # Finished reservations never change, so each step compares the active ones and
@@ -553,12 +674,18 @@ class Comparison:
             if reservation.is_active:
                 self.compare_reservation(engine_id)
 
+    def compare_channel_view(self, channel: str) -> None:
+        got = engine_channel_views(self.engine, channel)
+        assert got == self.model.channel_views(channel), f"{self.where()}: {channel!r}"
+
     def compare_reservation(self, engine_id: str) -> None:
         got = engine_view(self.engine.get_reservation(engine_id))
         assert got == self.model_view(engine_id), f"{self.where()}: {engine_id}"
 
     def compare_all(self) -> None:
         assert sorted(self.engine.reservations) == sorted(self.to_model), self.where()
+        for channel in VIEWS:
+            self.compare_channel_view(channel)
         for engine_id in self.to_model:
             self.compare_reservation(engine_id)
 
@@ -621,6 +748,7 @@ def compare_recovered(comparison: Comparison, recovered: Engine) -> None:
     original = comparison.engine
     check_invariants(recovered, where)
     assert engine_positions(recovered) == engine_positions(original), where
+    assert engine_policies(recovered) == engine_policies(original), where
     assert {rid: r.to_json() for rid, r in recovered.reservations.items()} == {
         rid: r.to_json() for rid, r in original.reservations.items()
     }, where
