@@ -283,7 +283,9 @@ def policies(
             admin_pb2.ChannelAllocation(
                 sku=sku,
                 channel=channel,
-                quantity=value.pools.get((sku, channel), 0),
+                # A pool lowered below what was already held can be over-consumed;
+                # the sum of deltas may then dip below zero, shown as none left.
+                quantity=max(0, value.pools.get((sku, channel), 0)),
                 exclusive=exclusive,
                 remaining=remaining(sku, channel),
                 attribution=attribution(a),

@@ -731,7 +731,10 @@ class SkuAvailability(_message.Message):
     known: _builtins.bool
     """False when no location has ever stocked the sku."""
     has_allocation: _builtins.bool
-    """The channel's allocation of the sku, if it has one."""
+    """The channel's allocation of the sku, if it has one, and what it lets the channel
+    hold now: the pool's remaining units, or less where another channel's ring fence
+    leaves fewer free (GetPolicies shows the pool's own remaining).
+    """
     allocation_remaining: _builtins.int
     suppressed: _builtins.bool
     """A continuity control suppresses the channel for this sku: it sees zero."""
