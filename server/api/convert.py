@@ -242,6 +242,35 @@ def set_control(request: admin_pb2.SetContinuityControlRequest) -> cmd.SetContro
     )
 
 
+def set_inbound_supply(
+    request: admin_pb2.SetInboundSupplyRequest,
+) -> cmd.SetInboundSupply:
+    return cmd.SetInboundSupply(
+        actor=request.actor,
+        change_id=request.change_id,
+        supplies=tuple(
+            cmd.InboundSupply(
+                sku=x.sku,
+                location=x.location,
+                units=x.quantity,
+                eta_us=x.eta.ToMicroseconds() if x.HasField("eta") else 0,
+            )
+            for x in request.supplies
+        ),
+    )
+
+
+def set_channel_preorders(
+    request: admin_pb2.SetChannelPreordersRequest,
+) -> cmd.SetChannelPreorders:
+    return cmd.SetChannelPreorders(
+        actor=request.actor,
+        change_id=request.change_id,
+        channel=request.channel,
+        allowed=request.allowed,
+    )
+
+
 def lift_control(request: admin_pb2.LiftContinuityControlRequest) -> cmd.LiftControl:
     return cmd.LiftControl(
         actor=request.actor, change_id=request.change_id, control_id=request.control_id
@@ -279,6 +308,20 @@ def policies(
     """Every policy in force; `remaining(sku, channel)` says what a pool has left."""
     return admin_pb2.GetPoliciesResponse(
         controls=[control(c) for c in value.active_controls(now_us)],
+        inbound=[
+            admin_pb2.InboundSupply(
+                sku=sku,
+                location=location,
+                quantity=value.inbound_units(sku, location),
+                eta=timestamp(eta_us),
+                attribution=attribution(a),
+            )
+            for (sku, location), (eta_us, a) in sorted(value.inbound_eta.items())
+        ],
+        preorder_channels=[
+            admin_pb2.PreorderChannel(channel=channel, attribution=attribution(a))
+            for channel, a in sorted(value.preorder_channels.items())
+        ],
         allocations=[
             admin_pb2.ChannelAllocation(
                 sku=sku,

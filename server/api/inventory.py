@@ -55,6 +55,7 @@ def _add(total: inventory_pb2.Availability, part: inventory_pb2.Availability) ->
     total.available_to_sell += part.available_to_sell
     total.safety_stock += part.safety_stock
     total.buffer += part.buffer
+    total.inbound += part.inbound
 
 
 def _describe(rpc: str, request: object) -> str:
@@ -197,6 +198,7 @@ class InventoryService(inventory_pb2_grpc.InventoryServiceServicer):
                     available_to_sell=available,
                     safety_stock=safety,
                     buffer=buffer,
+                    inbound=engine.policies.inbound_units(sku, position.location),
                 )
                 locations.append(
                     inventory_pb2.LocationAvailability(
@@ -389,6 +391,20 @@ class StockAdminService(admin_pb2_grpc.StockAdminServiceServicer):
     ) -> admin_pb2.LiftContinuityControlResponse:
         replayed = await self._policy(convert.lift_control(request))
         return admin_pb2.LiftContinuityControlResponse(replayed=replayed)
+
+    @guarded
+    async def SetInboundSupply(
+        self, request: admin_pb2.SetInboundSupplyRequest, context: Context
+    ) -> admin_pb2.SetInboundSupplyResponse:
+        replayed = await self._policy(convert.set_inbound_supply(request))
+        return admin_pb2.SetInboundSupplyResponse(replayed=replayed)
+
+    @guarded
+    async def SetChannelPreorders(
+        self, request: admin_pb2.SetChannelPreordersRequest, context: Context
+    ) -> admin_pb2.SetChannelPreordersResponse:
+        replayed = await self._policy(convert.set_channel_preorders(request))
+        return admin_pb2.SetChannelPreordersResponse(replayed=replayed)
 
     @guarded
     async def ListAtRiskReservations(

@@ -4,6 +4,7 @@ and stock adjustments and counts."""
 from typing import Any
 
 from server.engine.commands import (
+    AdjustmentReason,
     AdjustStock,
     Confirm,
     Extend,
@@ -384,14 +385,38 @@ class Changing(EngineState):
 
         home = shard_of(next(iter(deltas))[0], len(self.shards))
         body: dict[str, Any] = {"fx": fx, "src": command.source}
+        inbound_pending: list[tuple[tuple[str, str], int]] = []
         if isinstance(command, AdjustStock):
             body["reasons"] = [a.reason.value for a in command.adjustments if a.reason]
+            inbound_fx = self._receive_inbound(command)
+            if inbound_fx:
+                body["inbound"] = inbound_fx
+                inbound_pending = [((sku, loc), d) for sku, loc, d in inbound_fx]
         kind = "adjust" if isinstance(command, AdjustStock) else "set_on_hand"
         record = self._stock_record(home, kind, body, now_us)
         result = StockResult(tuple(self._snapshot(p, pending=gains) for p in touched))
         decision = self._decision(key, command, result, record=record, gains=gains)
         decision.on_hand_pending = on_hand_pending
+        decision.inbound_pending = inbound_pending
         return decision
+
+    def _receive_inbound(self, command: AdjustStock) -> list[list[Any]]:
+        """Receipts take their units off the inbound supply they fulfil, recorded as
+        deltas like the receipts themselves."""
+        received: dict[tuple[str, str], int] = {}
+        for item in command.adjustments:
+            if item.reason is AdjustmentReason.RECEIPT and item.delta > 0:
+                at = (item.sku, item.location)
+                received[at] = received.get(at, 0) + item.delta
+        inbound_fx: list[list[Any]] = []
+        pending = self.policies.inbound_pending
+        for (sku, location), units in received.items():
+            taken = min(units, self.policies.inbound_units(sku, location))
+            if taken:
+                self.policies.add_inbound(sku, location, -taken)
+                pending[(sku, location)] = pending.get((sku, location), 0) - taken
+                inbound_fx.append([sku, location, -taken])
+        return inbound_fx
 
     def _stock_deltas(self, command: StockCommand) -> dict[tuple[str, str], int]:
         """Net on-hand change per position; refuses the whole command if any position

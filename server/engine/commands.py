@@ -220,6 +220,32 @@ class LiftControl:
     control_id: str
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class InboundSupply:
+    sku: str
+    location: str
+    # Units expected; 0 removes the entry.
+    units: int
+    eta_us: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SetInboundSupply:
+    actor: str
+    change_id: str
+    supplies: tuple[InboundSupply, ...]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SetChannelPreorders:
+    """Whether a channel may hold against inbound supply."""
+
+    actor: str
+    change_id: str
+    channel: str
+    allowed: bool
+
+
 ReservationCommand = Confirm | Release | Fulfill | Extend | Move
 StockCommand = AdjustStock | SetOnHand
 PolicyCommand = (
@@ -230,6 +256,8 @@ PolicyCommand = (
     | SetChannelAllocation
     | SetControl
     | LiftControl
+    | SetInboundSupply
+    | SetChannelPreorders
 )
 Command = Reserve | ReservationCommand | StockCommand | PolicyCommand
 
@@ -647,6 +675,10 @@ def validate_policy_command(command: PolicyCommand, limits: Limits) -> None:
         _validate_allocations(command, limits)
     elif isinstance(command, SetControl):
         _validate_control(command, limits)
+    elif isinstance(command, SetInboundSupply):
+        _validate_inbound(command, limits)
+    elif isinstance(command, SetChannelPreorders):
+        check_id(command.channel, field="channel", length_max=limits.channel_length_max)
     elif isinstance(command, LiftControl):
         check_id(
             command.control_id,
@@ -836,3 +868,27 @@ def _validate_control(command: SetControl, limits: Limits) -> None:
             f"to {limits.throttle_rate_max_per_s}",
             field="control.reservations_per_second",
         )
+
+
+def _validate_inbound(command: SetInboundSupply, limits: Limits) -> None:
+    check_count(
+        len(command.supplies),
+        field="supplies",
+        count_max=limits.adjustments_per_request_max,
+    )
+    seen: set[tuple[str, str]] = set()
+    for index, supply in enumerate(command.supplies):
+        field = f"supplies[{index}]"
+        _check_position_ids(supply.sku, supply.location, field, limits)
+        _check_units(supply.units, field=f"{field}.quantity", limits=limits)
+        if supply.units and supply.eta_us <= 0:
+            raise InvalidArgument(
+                "FIELD_REQUIRED", f"{field}.eta is required", field=f"{field}.eta"
+            )
+        if (supply.sku, supply.location) in seen:
+            raise InvalidArgument(
+                "DUPLICATE_POSITION",
+                f"{field} sets {supply.sku}@{supply.location} twice",
+                field=field,
+            )
+        seen.add((supply.sku, supply.location))

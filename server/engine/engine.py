@@ -98,6 +98,8 @@ class Engine(Reserving, Changing, Ruling, Restoring):
             position.on_hand_pending -= delta
         for pool_key, delta in decision.pool_pending:
             self.policies.pool_pending[pool_key] -= delta
+        for inbound_key, delta in decision.inbound_pending:
+            self.policies.inbound_pending[inbound_key] -= delta
         if decision.request is not None:
             request = decision.request
             remembered = self._remembered[(request.scope, request.request_id)]

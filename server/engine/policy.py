@@ -28,6 +28,15 @@ makes it see zero and its lines come up CHANNEL_SUPPRESSED; throttling limits it
 reservations per second; raising safety stock adds units or a percentage of on-hand
 to the safety stock of a sku, a location or everything.
 
+Inbound supply. Expected receipts per (sku, location), with an ETA, set by the ERP or
+an operator. Channels allowed to take pre-orders may hold against them: for those
+channels a position offers on-hand plus inbound, less everything held. Holds are not
+split into "from stock" and "from inbound": on-hand covers holds first, so a receipt
+goes to the waiting pre-orders before any other channel sees it, with no conversion
+step. A receipt booked with AdjustStock (reason RECEIPT) takes its units off the
+inbound it fulfils. Like pools, inbound units are kept as a sum of deltas so that
+records of different shards replay in any order to the same figure.
+
 Known shortcomings: allocations span every location of a sku (allocations per location
 group are not built yet); controls are scanned linearly on each availability check,
 fine for the handful an incident brings, not for thousands.
@@ -156,6 +165,18 @@ class Policies:
     # removed allocations too (at zero) so that deltas always have a place to land.
     pools: dict[tuple[str, str], int] = dataclasses.field(default_factory=dict)
     controls: dict[str, Control] = dataclasses.field(default_factory=dict)
+    # (sku, location) -> units expected (a sum of deltas), and -> (eta_us,
+    # attribution) while an entry is in force.
+    inbound: dict[tuple[str, str], int] = dataclasses.field(default_factory=dict)
+    inbound_eta: dict[tuple[str, str], tuple[int, Attribution]] = dataclasses.field(
+        default_factory=dict
+    )
+    # Inbound changes decided but not durable (receipts), as pool_pending.
+    inbound_pending: dict[tuple[str, str], int] = dataclasses.field(
+        default_factory=dict
+    )
+    # Channels that may hold against inbound supply.
+    preorder_channels: dict[str, Attribution] = dataclasses.field(default_factory=dict)
     # Pool changes decided but not yet durable (fulfilments), kept out of the delta a
     # new allocation records. Not part of checkpoints: zero whenever one is taken.
     pool_pending: dict[tuple[str, str], int] = dataclasses.field(default_factory=dict)
@@ -215,7 +236,15 @@ class Policies:
         free = position.on_hand - position.held - position.withheld
         free -= self.safety(position, now_us)
         free -= self.buffer(channel, position.sku)
+        if channel in self.preorder_channels:
+            free += self.inbound_units(position.sku, position.location)
         return max(0, free)
+
+    def inbound_units(self, sku: str, location: str) -> int:
+        return max(0, self.inbound.get((sku, location), 0))
+
+    def add_inbound(self, sku: str, location: str, delta: int) -> None:
+        self.inbound[(sku, location)] = self.inbound.get((sku, location), 0) + delta
 
     def sourcing_of(self, channel: str) -> tuple[Sourcing, tuple[str, ...]] | None:
         entry = self.sourcing.get(channel)
@@ -257,6 +286,18 @@ class Policies:
             self.controls[control.control_id] = control
         elif kind == "lift":
             self.controls.pop(change["control_id"], None)
+        elif kind == "inbound":
+            for sku, location, units, eta_us, delta in change["supplies"]:
+                self.add_inbound(sku, location, delta)
+                if units:
+                    self.inbound_eta[(sku, location)] = (eta_us, attribution)
+                else:
+                    self.inbound_eta.pop((sku, location), None)
+        elif kind == "preorders":
+            if change["allowed"]:
+                self.preorder_channels[change["channel"]] = attribution
+            else:
+                self.preorder_channels.pop(change["channel"], None)
         elif kind == "sourcing":
             if change["group"]:
                 sourcing = Sourcing(change["group"], change["allow_split"])
@@ -302,6 +343,14 @@ class Policies:
             ],
             "pools": [[*key, units] for key, units in self.pools.items()],
             "controls": [control.to_json() for control in self.controls.values()],
+            "inbound": [[*key, units] for key, units in self.inbound.items()],
+            "inbound_eta": [
+                [*key, eta_us, *_attr(a)]
+                for key, (eta_us, a) in self.inbound_eta.items()
+            ],
+            "preorder_channels": [
+                [channel, *_attr(a)] for channel, a in self.preorder_channels.items()
+            ],
         }
 
     @classmethod
@@ -324,6 +373,12 @@ class Policies:
         for fields in body.get("controls", []):
             control = Control.from_json(fields)
             policies.controls[control.control_id] = control
+        for sku, location, units in body.get("inbound", []):
+            policies.inbound[(sku, location)] = units
+        for sku, location, eta_us, *attr in body.get("inbound_eta", []):
+            policies.inbound_eta[(sku, location)] = (eta_us, Attribution(*attr))
+        for channel, *attr in body.get("preorder_channels", []):
+            policies.preorder_channels[channel] = Attribution(*attr)
         return policies
 
     def prune_controls(self, now_us: int) -> int:

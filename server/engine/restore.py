@@ -40,6 +40,7 @@ class Restoring(EngineState):
         ensure(
             not any(self.channel_withheld.values())
             and not any(self.policies.pool_pending.values())
+            and not any(self.policies.inbound_pending.values())
             and not any(p.on_hand_pending for p in self.iter_positions()),
             "checkpoint taken with changes in flight",
         )
@@ -85,6 +86,8 @@ class Restoring(EngineState):
             self.restore_reservation(body["rsv"])
         for sku, channel, delta in body.get("pools", ()):
             self.policies.add_to_pool(sku, channel, delta)
+        for sku, location, delta in body.get("inbound", ()):
+            self.policies.add_inbound(sku, location, delta)
         if "policy" in body:
             attribution = Attribution(body["actor"], body["change_id"], body["at_us"])
             self.policies.apply(body["policy"], attribution)

@@ -9,7 +9,9 @@ from server.engine.commands import (
     PolicyResult,
     SetChannelAllocation,
     SetChannelBuffer,
+    SetChannelPreorders,
     SetControl,
+    SetInboundSupply,
     SetLocationGroup,
     SetSafetyStock,
 )
@@ -80,6 +82,30 @@ class Ruling(EngineState):
             }
         if isinstance(command, SetControl):
             return self._control_change(command)
+        if isinstance(command, SetInboundSupply):
+            supplies = []
+            for supply in command.supplies:
+                # From the durable figure, as SetOnHand does from durable on-hand.
+                key = (supply.sku, supply.location)
+                durable = self.policies.inbound.get(key, 0) - (
+                    self.policies.inbound_pending.get(key, 0)
+                )
+                supplies.append(
+                    [
+                        supply.sku,
+                        supply.location,
+                        supply.units,
+                        supply.eta_us,
+                        supply.units - durable,
+                    ]
+                )
+            return {"kind": "inbound", "supplies": supplies}
+        if isinstance(command, SetChannelPreorders):
+            return {
+                "kind": "preorders",
+                "channel": command.channel,
+                "allowed": command.allowed,
+            }
         if isinstance(command, LiftControl):
             control = self.policies.controls.get(command.control_id)
             if control is None or not control.is_active(self._clock.now_us()):
@@ -207,7 +233,11 @@ class Ruling(EngineState):
         shortfalls: dict[tuple[str, str], int] = {}
         for position in self.iter_positions():
             safety = self.policies.safety(position, now_us)
-            short = position.held + safety - position.on_hand
+            # Pre-order holds covered by expected receipts are not at risk.
+            cover = position.on_hand + self.policies.inbound_units(
+                position.sku, position.location
+            )
+            short = position.held + safety - cover
             if short > 0 and position.held > 0:
                 shortfalls[(position.sku, position.location)] = min(
                     short, position.held

@@ -83,6 +83,9 @@ class Decision:
     pool_pending: list[tuple[tuple[str, str], int]] = dataclasses.field(
         default_factory=list
     )
+    inbound_pending: list[tuple[tuple[str, str], int]] = dataclasses.field(
+        default_factory=list
+    )
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -833,6 +833,155 @@ class LiftContinuityControlResponse(_message.Message):
 Global___LiftContinuityControlResponse: _TypeAlias = LiftContinuityControlResponse  # noqa: Y015
 
 @_typing.final
+class InboundSupply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SKU_FIELD_NUMBER: _builtins.int
+    LOCATION_FIELD_NUMBER: _builtins.int
+    QUANTITY_FIELD_NUMBER: _builtins.int
+    ETA_FIELD_NUMBER: _builtins.int
+    ATTRIBUTION_FIELD_NUMBER: _builtins.int
+    sku: _builtins.str
+    location: _builtins.str
+    quantity: _builtins.int
+    """Units expected; 0 removes the entry."""
+    @_builtins.property
+    def eta(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def attribution(self) -> Global___PolicyAttribution: ...
+    def __init__(
+        self,
+        *,
+        sku: _builtins.str = ...,
+        location: _builtins.str = ...,
+        quantity: _builtins.int = ...,
+        eta: _timestamp_pb2.Timestamp | None = ...,
+        attribution: Global___PolicyAttribution | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["attribution", b"attribution", "eta", b"eta"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attribution", b"attribution", "eta", b"eta", "location", b"location", "quantity", b"quantity", "sku", b"sku"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InboundSupply: _TypeAlias = InboundSupply  # noqa: Y015
+
+@_typing.final
+class SetInboundSupplyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACTOR_FIELD_NUMBER: _builtins.int
+    CHANGE_ID_FIELD_NUMBER: _builtins.int
+    SUPPLIES_FIELD_NUMBER: _builtins.int
+    actor: _builtins.str
+    change_id: _builtins.str
+    @_builtins.property
+    def supplies(self) -> _containers.RepeatedCompositeFieldContainer[Global___InboundSupply]: ...
+    def __init__(
+        self,
+        *,
+        actor: _builtins.str = ...,
+        change_id: _builtins.str = ...,
+        supplies: _abc.Iterable[Global___InboundSupply] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "change_id", b"change_id", "supplies", b"supplies"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetInboundSupplyRequest: _TypeAlias = SetInboundSupplyRequest  # noqa: Y015
+
+@_typing.final
+class SetInboundSupplyResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    replayed: _builtins.bool
+    def __init__(
+        self,
+        *,
+        replayed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["replayed", b"replayed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetInboundSupplyResponse: _TypeAlias = SetInboundSupplyResponse  # noqa: Y015
+
+@_typing.final
+class SetChannelPreordersRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACTOR_FIELD_NUMBER: _builtins.int
+    CHANGE_ID_FIELD_NUMBER: _builtins.int
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    ALLOWED_FIELD_NUMBER: _builtins.int
+    actor: _builtins.str
+    change_id: _builtins.str
+    channel: _builtins.str
+    allowed: _builtins.bool
+    def __init__(
+        self,
+        *,
+        actor: _builtins.str = ...,
+        change_id: _builtins.str = ...,
+        channel: _builtins.str = ...,
+        allowed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "allowed", b"allowed", "change_id", b"change_id", "channel", b"channel"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetChannelPreordersRequest: _TypeAlias = SetChannelPreordersRequest  # noqa: Y015
+
+@_typing.final
+class SetChannelPreordersResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    replayed: _builtins.bool
+    def __init__(
+        self,
+        *,
+        replayed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["replayed", b"replayed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetChannelPreordersResponse: _TypeAlias = SetChannelPreordersResponse  # noqa: Y015
+
+@_typing.final
+class PreorderChannel(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    ATTRIBUTION_FIELD_NUMBER: _builtins.int
+    channel: _builtins.str
+    @_builtins.property
+    def attribution(self) -> Global___PolicyAttribution: ...
+    def __init__(
+        self,
+        *,
+        channel: _builtins.str = ...,
+        attribution: Global___PolicyAttribution | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["attribution", b"attribution"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attribution", b"attribution", "channel", b"channel"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PreorderChannel: _TypeAlias = PreorderChannel  # noqa: Y015
+
+@_typing.final
 class ListAtRiskReservationsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -947,6 +1096,8 @@ class GetPoliciesResponse(_message.Message):
     SOURCING_FIELD_NUMBER: _builtins.int
     ALLOCATIONS_FIELD_NUMBER: _builtins.int
     CONTROLS_FIELD_NUMBER: _builtins.int
+    INBOUND_FIELD_NUMBER: _builtins.int
+    PREORDER_CHANNELS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def safety_stock(self) -> _containers.RepeatedCompositeFieldContainer[Global___SafetyStock]: ...
     @_builtins.property
@@ -961,6 +1112,10 @@ class GetPoliciesResponse(_message.Message):
     def controls(self) -> _containers.RepeatedCompositeFieldContainer[Global___ContinuityControl]:
         """Controls in force now."""
 
+    @_builtins.property
+    def inbound(self) -> _containers.RepeatedCompositeFieldContainer[Global___InboundSupply]: ...
+    @_builtins.property
+    def preorder_channels(self) -> _containers.RepeatedCompositeFieldContainer[Global___PreorderChannel]: ...
     def __init__(
         self,
         *,
@@ -970,10 +1125,12 @@ class GetPoliciesResponse(_message.Message):
         sourcing: _abc.Iterable[Global___ChannelSourcing] | None = ...,
         allocations: _abc.Iterable[Global___ChannelAllocation] | None = ...,
         controls: _abc.Iterable[Global___ContinuityControl] | None = ...,
+        inbound: _abc.Iterable[Global___InboundSupply] | None = ...,
+        preorder_channels: _abc.Iterable[Global___PreorderChannel] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocations", b"allocations", "buffers", b"buffers", "controls", b"controls", "location_groups", b"location_groups", "safety_stock", b"safety_stock", "sourcing", b"sourcing"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocations", b"allocations", "buffers", b"buffers", "controls", b"controls", "inbound", b"inbound", "location_groups", b"location_groups", "preorder_channels", b"preorder_channels", "safety_stock", b"safety_stock", "sourcing", b"sourcing"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -79,6 +79,16 @@ class StockAdminServiceStub:
                 request_serializer=stockward_dot_v1_dot_admin__pb2.LiftContinuityControlRequest.SerializeToString,
                 response_deserializer=stockward_dot_v1_dot_admin__pb2.LiftContinuityControlResponse.FromString,
                 _registered_method=True)
+        self.SetInboundSupply = channel.unary_unary(
+                '/stockward.v1.StockAdminService/SetInboundSupply',
+                request_serializer=stockward_dot_v1_dot_admin__pb2.SetInboundSupplyRequest.SerializeToString,
+                response_deserializer=stockward_dot_v1_dot_admin__pb2.SetInboundSupplyResponse.FromString,
+                _registered_method=True)
+        self.SetChannelPreorders = channel.unary_unary(
+                '/stockward.v1.StockAdminService/SetChannelPreorders',
+                request_serializer=stockward_dot_v1_dot_admin__pb2.SetChannelPreordersRequest.SerializeToString,
+                response_deserializer=stockward_dot_v1_dot_admin__pb2.SetChannelPreordersResponse.FromString,
+                _registered_method=True)
         self.ListAtRiskReservations = channel.unary_unary(
                 '/stockward.v1.StockAdminService/ListAtRiskReservations',
                 request_serializer=stockward_dot_v1_dot_admin__pb2.ListAtRiskReservationsRequest.SerializeToString,
@@ -164,6 +174,20 @@ class StockAdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetInboundSupply(self, request, context):
+        """Expected receipts per sku and location, with an ETA; quantity 0 removes one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetChannelPreorders(self, request, context):
+        """Whether a channel may take pre-orders: hold against inbound supply.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListAtRiskReservations(self, request, context):
         """Holds that on-hand no longer covers (on-hand fell below held + safety stock), the
         newest first at each position; nothing is dropped by the server.
@@ -226,6 +250,16 @@ def add_StockAdminServiceServicer_to_server(servicer, server):
                     servicer.LiftContinuityControl,
                     request_deserializer=stockward_dot_v1_dot_admin__pb2.LiftContinuityControlRequest.FromString,
                     response_serializer=stockward_dot_v1_dot_admin__pb2.LiftContinuityControlResponse.SerializeToString,
+            ),
+            'SetInboundSupply': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetInboundSupply,
+                    request_deserializer=stockward_dot_v1_dot_admin__pb2.SetInboundSupplyRequest.FromString,
+                    response_serializer=stockward_dot_v1_dot_admin__pb2.SetInboundSupplyResponse.SerializeToString,
+            ),
+            'SetChannelPreorders': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetChannelPreorders,
+                    request_deserializer=stockward_dot_v1_dot_admin__pb2.SetChannelPreordersRequest.FromString,
+                    response_serializer=stockward_dot_v1_dot_admin__pb2.SetChannelPreordersResponse.SerializeToString,
             ),
             'ListAtRiskReservations': grpc.unary_unary_rpc_method_handler(
                     servicer.ListAtRiskReservations,
@@ -481,6 +515,60 @@ class StockAdminService:
             '/stockward.v1.StockAdminService/LiftContinuityControl',
             stockward_dot_v1_dot_admin__pb2.LiftContinuityControlRequest.SerializeToString,
             stockward_dot_v1_dot_admin__pb2.LiftContinuityControlResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetInboundSupply(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stockward.v1.StockAdminService/SetInboundSupply',
+            stockward_dot_v1_dot_admin__pb2.SetInboundSupplyRequest.SerializeToString,
+            stockward_dot_v1_dot_admin__pb2.SetInboundSupplyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetChannelPreorders(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stockward.v1.StockAdminService/SetChannelPreorders',
+            stockward_dot_v1_dot_admin__pb2.SetChannelPreordersRequest.SerializeToString,
+            stockward_dot_v1_dot_admin__pb2.SetChannelPreordersResponse.FromString,
             options,
             channel_credentials,
             insecure,

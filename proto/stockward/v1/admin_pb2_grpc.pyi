@@ -63,6 +63,10 @@ class StockAdminServiceStub:
     safety stock. It ends on its own at `until`, or when lifted.
     """
     LiftContinuityControl: _grpc.UnaryUnaryMultiCallable[_admin_pb2.LiftContinuityControlRequest, _admin_pb2.LiftContinuityControlResponse]
+    SetInboundSupply: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetInboundSupplyRequest, _admin_pb2.SetInboundSupplyResponse]
+    """Expected receipts per sku and location, with an ETA; quantity 0 removes one."""
+    SetChannelPreorders: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetChannelPreordersRequest, _admin_pb2.SetChannelPreordersResponse]
+    """Whether a channel may take pre-orders: hold against inbound supply."""
     ListAtRiskReservations: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListAtRiskReservationsRequest, _admin_pb2.ListAtRiskReservationsResponse]
     """Holds that on-hand no longer covers (on-hand fell below held + safety stock), the
     newest first at each position; nothing is dropped by the server.
@@ -103,6 +107,10 @@ class StockAdminServiceAsyncStub(StockAdminServiceStub):
     safety stock. It ends on its own at `until`, or when lifted.
     """
     LiftContinuityControl: _aio.UnaryUnaryMultiCallable[_admin_pb2.LiftContinuityControlRequest, _admin_pb2.LiftContinuityControlResponse]  # type: ignore[assignment]
+    SetInboundSupply: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetInboundSupplyRequest, _admin_pb2.SetInboundSupplyResponse]  # type: ignore[assignment]
+    """Expected receipts per sku and location, with an ETA; quantity 0 removes one."""
+    SetChannelPreorders: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetChannelPreordersRequest, _admin_pb2.SetChannelPreordersResponse]  # type: ignore[assignment]
+    """Whether a channel may take pre-orders: hold against inbound supply."""
     ListAtRiskReservations: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListAtRiskReservationsRequest, _admin_pb2.ListAtRiskReservationsResponse]  # type: ignore[assignment]
     """Holds that on-hand no longer covers (on-hand fell below held + safety stock), the
     newest first at each position; nothing is dropped by the server.
@@ -194,6 +202,22 @@ class StockAdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.LiftContinuityControlRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.LiftContinuityControlResponse, _abc.Awaitable[_admin_pb2.LiftContinuityControlResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def SetInboundSupply(
+        self,
+        request: _admin_pb2.SetInboundSupplyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.SetInboundSupplyResponse, _abc.Awaitable[_admin_pb2.SetInboundSupplyResponse]]:
+        """Expected receipts per sku and location, with an ETA; quantity 0 removes one."""
+
+    @_abc_1.abstractmethod
+    def SetChannelPreorders(
+        self,
+        request: _admin_pb2.SetChannelPreordersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.SetChannelPreordersResponse, _abc.Awaitable[_admin_pb2.SetChannelPreordersResponse]]:
+        """Whether a channel may take pre-orders: hold against inbound supply."""
 
     @_abc_1.abstractmethod
     def ListAtRiskReservations(

@@ -667,6 +667,7 @@ class Availability(_message.Message):
     AVAILABLE_TO_SELL_FIELD_NUMBER: _builtins.int
     SAFETY_STOCK_FIELD_NUMBER: _builtins.int
     BUFFER_FIELD_NUMBER: _builtins.int
+    INBOUND_FIELD_NUMBER: _builtins.int
     on_hand: _builtins.int
     held: _builtins.int
     available_to_sell: _builtins.int
@@ -676,6 +677,10 @@ class Availability(_message.Message):
     safety_stock: _builtins.int
     buffer: _builtins.int
     """The channel's buffer, per location; 0 without a channel."""
+    inbound: _builtins.int
+    """Expected receipts; part of available_to_sell only for channels that take
+    pre-orders.
+    """
     def __init__(
         self,
         *,
@@ -684,10 +689,11 @@ class Availability(_message.Message):
         available_to_sell: _builtins.int = ...,
         safety_stock: _builtins.int = ...,
         buffer: _builtins.int = ...,
+        inbound: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["available_to_sell", b"available_to_sell", "buffer", b"buffer", "held", b"held", "on_hand", b"on_hand", "safety_stock", b"safety_stock"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["available_to_sell", b"available_to_sell", "buffer", b"buffer", "held", b"held", "inbound", b"inbound", "on_hand", b"on_hand", "safety_stock", b"safety_stock"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
