@@ -204,6 +204,8 @@ class Engine(Reserving, Changing, Ruling, Restoring):
             del self._remembered[key]
             forgotten += 1
         forgotten += self.policies.prune_controls(self._clock.now_us())
+        for control_id in [c for c in self._buckets if c not in self.policies.controls]:
+            del self._buckets[control_id]
         while self._finished and self._finished[0][0] <= horizon_us:
             _, reservation_id = self._finished.popleft()
             reservation = self.reservations.get(reservation_id)

@@ -92,9 +92,12 @@ class Control:
     until_us: int
     reason: str
     attribution: Attribution
+    # Lifted early. Kept until its time box ends so that its id cannot be reused to
+    # set it again in the meantime.
+    lifted: bool = False
 
     def is_active(self, now_us: int) -> bool:
-        return self.attribution.at_us <= now_us < self.until_us
+        return not self.lifted and self.attribution.at_us <= now_us < self.until_us
 
     def covers(self, *, channel: str = "", sku: str = "", location: str = "") -> bool:
         """Whether this control's target includes the given channel, sku and
@@ -118,6 +121,7 @@ class Control:
             self.until_us,
             self.reason,
             *_attr(self.attribution),
+            self.lifted,
         ]
 
     @classmethod
@@ -137,7 +141,8 @@ class Control:
             rate,
             until,
             reason,
-            Attribution(*fields[10:]),
+            Attribution(*fields[10:13]),
+            lifted=bool(fields[13]) if len(fields) > 13 else False,
         )
 
 
@@ -285,7 +290,11 @@ class Policies:
             control = Control.from_json([*change["control"], *_attr(attribution)])
             self.controls[control.control_id] = control
         elif kind == "lift":
-            self.controls.pop(change["control_id"], None)
+            lifted = self.controls.get(change["control_id"])
+            if lifted is not None:
+                self.controls[lifted.control_id] = dataclasses.replace(
+                    lifted, lifted=True
+                )
         elif kind == "inbound":
             for sku, location, units, eta_us, delta in change["supplies"]:
                 self.add_inbound(sku, location, delta)

@@ -144,6 +144,14 @@ class Ruling(EngineState):
             )
         assert command.kind is not None
         control_id = f"{command.actor}:{command.change_id}"
+        if control_id in self.policies.controls:
+            # The request log forgets after its retention; a control outlives that.
+            raise FailedPrecondition(
+                "CONTROL_ID_TAKEN",
+                f"control {control_id} exists until its time box ends; use a new "
+                "change_id",
+                field="change_id",
+            )
         control = Control(
             control_id=control_id,
             kind=command.kind,
@@ -183,10 +191,11 @@ class Ruling(EngineState):
         if throttle is None:
             return
         rate = throttle.rate_per_s
-        tokens, last_us = self._buckets.get(channel, (float(rate), now_us))
+        # One bucket per throttle: a new throttle starts with a full second's worth.
+        tokens, last_us = self._buckets.get(throttle.control_id, (float(rate), now_us))
         tokens = min(float(rate), tokens + (now_us - last_us) * rate / US_PER_S)
         if tokens < 1.0:
-            self._buckets[channel] = (tokens, now_us)
+            self._buckets[throttle.control_id] = (tokens, now_us)
             raise Overloaded(
                 "CHANNEL_THROTTLED",
                 f"channel {channel} is throttled to {rate} reservations per second "
@@ -194,7 +203,7 @@ class Ruling(EngineState):
                 field="channel",
                 retry_after_s=(1.0 - tokens) / rate,
             )
-        self._buckets[channel] = (tokens - 1.0, now_us)
+        self._buckets[throttle.control_id] = (tokens - 1.0, now_us)
 
     def availability(
         self, sku: str, locations: list[str], channel: str

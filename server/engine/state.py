@@ -149,7 +149,7 @@ class EngineState:
         # what an allocation's pool has lent out.
         self.channel_held: dict[tuple[str, str], int] = {}
         self.channel_withheld: dict[tuple[str, str], int] = {}
-        # Throttled channels' token buckets: channel -> (tokens, when counted).
+        # Throttles' token buckets: control id -> (tokens, when counted).
         self._buckets: dict[str, tuple[float, int]] = {}
 
     def _is_due(self, reservation: Reservation, now_us: int) -> bool:

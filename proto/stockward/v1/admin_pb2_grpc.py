@@ -189,8 +189,9 @@ class StockAdminServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListAtRiskReservations(self, request, context):
-        """Holds that on-hand no longer covers (on-hand fell below held + safety stock), the
-        newest first at each position; nothing is dropped by the server.
+        """Holds that on-hand no longer covers (on-hand fell below held + safety stock less
+        expected receipts): each position's shortfall is laid on its newest holds. Listed
+        oldest reservation first; nothing is dropped by the server.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -68,8 +68,9 @@ class StockAdminServiceStub:
     SetChannelPreorders: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetChannelPreordersRequest, _admin_pb2.SetChannelPreordersResponse]
     """Whether a channel may take pre-orders: hold against inbound supply."""
     ListAtRiskReservations: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListAtRiskReservationsRequest, _admin_pb2.ListAtRiskReservationsResponse]
-    """Holds that on-hand no longer covers (on-hand fell below held + safety stock), the
-    newest first at each position; nothing is dropped by the server.
+    """Holds that on-hand no longer covers (on-hand fell below held + safety stock less
+    expected receipts): each position's shortfall is laid on its newest holds. Listed
+    oldest reservation first; nothing is dropped by the server.
     """
     GetPolicies: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetPoliciesRequest, _admin_pb2.GetPoliciesResponse]
     """Every policy in force, with who set it and when."""
@@ -112,8 +113,9 @@ class StockAdminServiceAsyncStub(StockAdminServiceStub):
     SetChannelPreorders: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetChannelPreordersRequest, _admin_pb2.SetChannelPreordersResponse]  # type: ignore[assignment]
     """Whether a channel may take pre-orders: hold against inbound supply."""
     ListAtRiskReservations: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListAtRiskReservationsRequest, _admin_pb2.ListAtRiskReservationsResponse]  # type: ignore[assignment]
-    """Holds that on-hand no longer covers (on-hand fell below held + safety stock), the
-    newest first at each position; nothing is dropped by the server.
+    """Holds that on-hand no longer covers (on-hand fell below held + safety stock less
+    expected receipts): each position's shortfall is laid on its newest holds. Listed
+    oldest reservation first; nothing is dropped by the server.
     """
     GetPolicies: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetPoliciesRequest, _admin_pb2.GetPoliciesResponse]  # type: ignore[assignment]
     """Every policy in force, with who set it and when."""
@@ -225,8 +227,9 @@ class StockAdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.ListAtRiskReservationsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.ListAtRiskReservationsResponse, _abc.Awaitable[_admin_pb2.ListAtRiskReservationsResponse]]:
-        """Holds that on-hand no longer covers (on-hand fell below held + safety stock), the
-        newest first at each position; nothing is dropped by the server.
+        """Holds that on-hand no longer covers (on-hand fell below held + safety stock less
+        expected receipts): each position's shortfall is laid on its newest holds. Listed
+        oldest reservation first; nothing is dropped by the server.
         """
 
     @_abc_1.abstractmethod
