@@ -9,8 +9,19 @@ visible. It shares with the engine only the command and result values and the en
 both speak; every rule here was written from the contract, not from the engine's code.
 
 Policies are plain tables here too: safety stock per (sku, location), buffers per
-(channel, sku), groups by name and sourcing by channel, each entry with who set it. What
-a channel may hold at a position is computed on demand from those tables and the holds.
+(channel, sku), groups by name, sourcing by channel, allocations and their pools per
+(sku, channel), and continuity controls by id, each entry with who set it. What a
+channel may hold at a position, and how much of a sku it may still take in total, are
+computed on demand from those tables, the holds and the time.
+
+Controls are never removed when their time box ends: whether one is in force is asked of
+the clock each time. A throttle's token bucket belongs to the control, starts full when
+it is set, and counts millionths of a token in integers, so that no rounding hides an
+off-by-one. Buckets are not durable; the model never restarts, so the recovery test
+checks on the engine alone that a restart fills them.
+
+A move is judged by the channel's view of the target position, as a new hold there
+would be, but not by allocations: the channel holds as many units of the sku as before.
 
 Where the contract leaves a choice open, the model states the engine's documented choice
 next to the rule, so that a disagreement points at one sentence.
@@ -18,7 +29,7 @@ next to the rule, so that a disagreement points at one sentence.
 
 import dataclasses
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from server.engine.commands import (
     AdjustStock,
@@ -26,8 +37,11 @@ from server.engine.commands import (
     Confirm,
     Extend,
     Fulfill,
+    LiftControl,
     LineQuantity,
     LineResult,
+    Move,
+    PolicyCommand,
     PolicyResult,
     PositionSnapshot,
     Release,
@@ -35,8 +49,10 @@ from server.engine.commands import (
     ReserveLine,
     ReserveOutcome,
     ReserveResult,
+    SetChannelAllocation,
     SetChannelBuffer,
     SetChannelSourcing,
+    SetControl,
     SetLocationGroup,
     SetOnHand,
     SetSafetyStock,
@@ -45,11 +61,14 @@ from server.engine.commands import (
 )
 from server.engine.errors import ErrorKind
 from server.engine.model import ReservationState
+from server.engine.policy import ControlKind
 
 US_PER_S = 1_000_000
 
 # (sku, location): one position.
 At = tuple[str, str]
+# (sku, channel): one allocation.
+Pair = tuple[str, str]
 
 _ACTIVE = (ReservationState.PENDING, ReservationState.CONFIRMED)
 
@@ -105,6 +124,25 @@ class SetBy:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class ControlView:
+    """A continuity control; only the fields its kind uses are set."""
+
+    kind: ControlKind
+    channel: str
+    sku: str
+    location: str
+    units: int
+    percent: int
+    rate_per_s: int
+    until_us: int
+    reason: str
+    set_by: SetBy
+
+    def is_active(self, now_us: int) -> bool:
+        return self.set_by.at_us <= now_us < self.until_us
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class PoliciesView:
     # (sku, location) -> units; sku "" is the location's default.
     safety_stock: dict[At, tuple[int, SetBy]]
@@ -113,6 +151,24 @@ class PoliciesView:
     groups: dict[str, tuple[tuple[str, ...], SetBy]]
     # channel -> (group, allow_split)
     sourcing: dict[str, tuple[tuple[str, bool], SetBy]]
+    # (sku, channel) -> whether the allocation is exclusive.
+    allocations: dict[Pair, tuple[bool, SetBy]]
+    # (sku, channel) -> the pool of an allocation in force: the units set, less the
+    # channel's fulfilments of the sku since. It may go below zero when the pool was
+    # set below what the channel already held.
+    pools: dict[Pair, int]
+    # control id -> control; those whose time box ended stay until `in_force` hides
+    # them, lifted ones are gone.
+    controls: dict[str, ControlView]
+
+    def in_force(self, now_us: int) -> "PoliciesView":
+        """The policies as GetPolicies shows them: controls in force only."""
+        return dataclasses.replace(
+            self,
+            controls={
+                cid: c for cid, c in self.controls.items() if c.is_active(now_us)
+            },
+        )
 
 
 ModelResult = ReserveResult | ReservationView | StockResult | PolicyResult
@@ -161,6 +217,36 @@ class _Reservation:
         return sum(line.held for line in self.lines.values())
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class AllocationView:
+    """One (sku, channel) as GetPolicies and GetAvailability show it."""
+
+    # Units of the pool the channel may still hold; zero without an allocation.
+    remaining: int
+    # The most the channel could take of the sku in one request now.
+    cap: int
+    has_allocation: bool
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Cap:
+    """The most a channel may still take of a sku in the request being decided."""
+
+    units: int
+    # Whether the channel's own pool sets that limit, rather than another's fence.
+    is_own_pool: bool
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Pools:
+    """What allocations allow at the start of a request."""
+
+    # (sku, channel) -> units of the pool the channel may still hold.
+    remaining: dict[Pair, int]
+    # sku -> units free to promise at all its positions, before any channel's buffer.
+    free: dict[str, int]
+
+
 @dataclasses.dataclass(slots=True)
 class _Plan:
     """Where one reserve line would be held: (location, quantity) pairs in order."""
@@ -171,24 +257,40 @@ class _Plan:
 
 
 class ReferenceModel:
-    def __init__(self, *, on_hand_max: int, ttl_default_s: int) -> None:
+    def __init__(
+        self, *, on_hand_max: int, ttl_default_s: int, control_duration_max_s: int
+    ) -> None:
         self.on_hand: dict[At, int] = {}
         self.reservations: dict[str, _Reservation] = {}
         self._on_hand_max = on_hand_max
         self._ttl_default_s = ttl_default_s
+        self._control_duration_max_us = control_duration_max_s * US_PER_S
         self._ids = itertools.count(1)
         # Answered requests by key: the command with its key blanked, and the answer.
         self._answers: dict[tuple[str, str, str], tuple[Command, ModelResult]] = {}
-        self.policies = PoliciesView({}, {}, {}, {})
+        self.policies = PoliciesView({}, {}, {}, {}, {}, {}, {})
+        # Throttle control id -> (millionths of a token in its bucket, when counted).
+        self._tokens: dict[str, tuple[int, int]] = {}
 
     # Reads -------------------------------------------------------------------------------
 
+    def _active(self) -> Iterator[_Reservation]:
+        return (r for r in self.reservations.values() if r.state in _ACTIVE)
+
     def held(self) -> dict[At, int]:
         held: dict[At, int] = {}
-        for reservation in self.reservations.values():
-            if reservation.state in _ACTIVE:
-                for at, line in reservation.lines.items():
-                    held[at] = held.get(at, 0) + line.held
+        for reservation in self._active():
+            for at, line in reservation.lines.items():
+                held[at] = held.get(at, 0) + line.held
+        return held
+
+    def held_by_channel(self) -> dict[Pair, int]:
+        """Units each channel holds of each sku, at every location."""
+        held: dict[Pair, int] = {}
+        for reservation in self._active():
+            for line in reservation.lines.values():
+                pair = (line.sku, reservation.channel)
+                held[pair] = held.get(pair, 0) + line.held
         return held
 
     def positions(self) -> dict[At, PositionView]:
@@ -202,13 +304,32 @@ class ReferenceModel:
             for at, on_hand in self.on_hand.items()
         }
 
-    def safety_stock(self, at: At) -> int:
-        """A sku's own level, else the location's default, else none."""
-        location = at[1]
+    def controls_in_force(self, kind: ControlKind, now_us: int) -> list[ControlView]:
+        return [
+            control
+            for control in self.policies.controls.values()
+            if control.kind is kind and control.is_active(now_us)
+        ]
+
+    def _safety_stock(self, at: At, raises: list[ControlView]) -> int:
+        """A sku's own level, else the location's default, else none; plus, for every
+        raise in force over the position, its units and its percent of on-hand
+        rounded up."""
+        sku, location = at
+        units = 0
         for key in (at, ("", location)):
             if key in self.policies.safety_stock:
-                return self.policies.safety_stock[key][0]
-        return 0
+                units = self.policies.safety_stock[key][0]
+                break
+        on_hand = self.on_hand.get(at, 0)
+        for raised in raises:
+            if raised.sku in ("", sku) and raised.location in ("", location):
+                units += raised.units + _percent_rounded_up(on_hand, raised.percent)
+        return units
+
+    def is_suppressed(self, channel: str, sku: str, *, now_us: int) -> bool:
+        suppressions = self.controls_in_force(ControlKind.SUPPRESS, now_us)
+        return _is_suppressed(channel, sku, suppressions)
 
     def buffer(self, channel: str, sku: str) -> int:
         """A channel's buffer for the sku, else its default; no channel, no buffer."""
@@ -217,15 +338,69 @@ class ReferenceModel:
                 return self.policies.buffers[key][0]
         return 0
 
-    def channel_views(self, channel: str) -> dict[At, ChannelView]:
+    def channel_views(self, channel: str, *, now_us: int) -> dict[At, ChannelView]:
+        """What `channel` ("" for none) may hold at each position; a suppressed channel
+        sees nothing, but still sees the safety stock and buffer in force."""
         held = self.held()
+        raises = self.controls_in_force(ControlKind.RAISE_SAFETY, now_us)
+        suppressions = self.controls_in_force(ControlKind.SUPPRESS, now_us)
         views: dict[At, ChannelView] = {}
         for at, on_hand in self.on_hand.items():
-            safety = self.safety_stock(at)
+            safety = self._safety_stock(at, raises)
             buffer = self.buffer(channel, at[0])
             left = on_hand - held.get(at, 0) - safety - buffer
+            if _is_suppressed(channel, at[0], suppressions):
+                left = 0
             views[at] = ChannelView(safety, buffer, max(0, left))
         return views
+
+    def allocation_views(
+        self, pairs: list[Pair], *, now_us: int
+    ) -> dict[Pair, AllocationView]:
+        pools = self._pools(now_us)
+        return {
+            (sku, channel): AllocationView(
+                remaining=pools.remaining.get((sku, channel), 0),
+                cap=self._cap(sku, channel, 0, pools).units,
+                has_allocation=(sku, channel) in self.policies.allocations,
+            )
+            for sku, channel in pairs
+        }
+
+    def _pools(self, now_us: int) -> _Pools:
+        lent = self.held_by_channel()
+        remaining = {
+            pair: max(0, pool - lent.get(pair, 0))
+            for pair, pool in self.policies.pools.items()
+        }
+        free: dict[str, int] = {}
+        # Only a fence needs the free units, and only an allocation makes a fence.
+        if self.policies.allocations:
+            for (sku, _), view in self.channel_views("", now_us=now_us).items():
+                free[sku] = free.get(sku, 0) + view.available_to_sell
+        return _Pools(remaining, free)
+
+    def _cap(self, sku: str, channel: str, taken: int, pools: _Pools) -> _Cap:
+        """Two limits on what a channel takes of a sku, `taken` being what the request
+        took already. Its own allocation: no more than the pool's remaining units. The
+        exclusive allocations of other channels: only while the units left free at the
+        sku's positions cover what those pools have remaining. Without either, the
+        largest on-hand stands for no limit. Where both limits are equal, the channel's
+        own pool is named (a choice the contract leaves open)."""
+        fenced = sum(
+            units
+            for (fenced_sku, other), units in pools.remaining.items()
+            if fenced_sku == sku
+            and other != channel
+            and self.policies.allocations[(fenced_sku, other)][0]
+        )
+        cap = _Cap(self._on_hand_max, is_own_pool=False)
+        if (sku, channel) in pools.remaining:
+            cap = _Cap(pools.remaining[(sku, channel)] - taken, is_own_pool=True)
+        unfenced = pools.free.get(sku, 0) - taken - fenced
+        if fenced and unfenced < cap.units:
+            cap = _Cap(unfenced, is_own_pool=False)
+        return _Cap(max(0, cap.units), cap.is_own_pool)
 
     def view(self, reservation_id: str) -> ReservationView:
         reservation = self.reservations[reservation_id]
@@ -265,20 +440,17 @@ class ReferenceModel:
         if isinstance(command, AdjustStock | SetOnHand):
             key = ("stock", command.source, command.source_event_id)
             keyless: Command = dataclasses.replace(command, source_event_id="")
-            return self._once(key, keyless, lambda: self._stock(command))
+            return self._once(key, keyless, lambda: self._stock(command, now_us))
         if isinstance(command, Reserve):
             key = ("order", command.channel, command.request_id)
             keyless = dataclasses.replace(command, request_id="")
             return self._once(key, keyless, lambda: self._reserve(command, now_us))
-        if isinstance(
-            command,
-            SetSafetyStock | SetChannelBuffer | SetLocationGroup | SetChannelSourcing,
-        ):
+        if isinstance(command, PolicyCommand):
             key = ("policy", command.actor, command.change_id)
             keyless = dataclasses.replace(command, change_id="")
             return self._once(key, keyless, lambda: self._policy(command, now_us))
 
-        assert isinstance(command, Confirm | Release | Fulfill | Extend)
+        assert isinstance(command, Confirm | Release | Fulfill | Extend | Move)
         # A change is keyed in the channel of the reservation it names, so an unknown
         # reservation is refused before its key is looked at.
         reservation = self.reservations.get(command.reservation_id)
@@ -323,7 +495,7 @@ class ReferenceModel:
 
     # Stock -------------------------------------------------------------------------------
 
-    def _stock(self, command: AdjustStock | SetOnHand) -> Outcome:
+    def _stock(self, command: AdjustStock | SetOnHand, now_us: int) -> Outcome:
         after: dict[At, int] = {}
         if isinstance(command, SetOnHand):
             for count in command.counts:
@@ -345,8 +517,8 @@ class ReferenceModel:
         self.on_hand.update(after)
         positions = self.positions()
         # The answer shows what may be sold at each position without a channel's view:
-        # net of safety stock, with no buffer.
-        views = self.channel_views("")
+        # net of safety stock (raises included), with no buffer.
+        views = self.channel_views("", now_us=now_us)
         snapshots = tuple(
             PositionSnapshot(
                 sku=sku,
@@ -362,17 +534,15 @@ class ReferenceModel:
     # Reserve -----------------------------------------------------------------------------
 
     def _reserve(self, command: Reserve, now_us: int) -> Outcome:
+        # A throttled channel pays a token for every request decided afresh, even one
+        # then refused or rejected.
+        throttled = self._take_token(command.channel, now_us)
+        if throttled is not None:
+            return throttled
         sourced = self._sourced(command)
         if isinstance(sourced, Refused):
             return sourced
-        views = self.channel_views(command.channel)
-        free = {at: view.available_to_sell for at, view in views.items()}
-        plans: list[_Plan] = []
-        for line in sourced:
-            plan = self._plan(line, free)
-            for location, quantity in plan.takes:
-                free[(line.sku, location)] -= quantity
-            plans.append(plan)
+        plans = self._plans(command.channel, sourced, now_us)
 
         is_short = any(plan.short_reason is not None for plan in plans)
         if is_short and not command.allow_partial:
@@ -404,6 +574,31 @@ class ReferenceModel:
         )
         return self._reserve_answer(reservation_id, outcome, command, plans, expires_us)
 
+    def _take_token(self, channel: str, now_us: int) -> Refused | None:
+        """A throttle's bucket holds `rate` tokens and gains `rate` a second; each
+        request takes one, and without a whole token the request is refused."""
+        throttle = next(
+            (
+                (control_id, control)
+                for control_id, control in self.policies.controls.items()
+                if control.kind is ControlKind.THROTTLE
+                and control.channel == channel
+                and control.is_active(now_us)
+            ),
+            None,
+        )
+        if throttle is None:
+            return None
+        control_id, control = throttle
+        full = control.rate_per_s * US_PER_S
+        tokens, counted_us = self._tokens.get(control_id, (full, now_us))
+        tokens = min(full, tokens + (now_us - counted_us) * control.rate_per_s)
+        if tokens < US_PER_S:
+            self._tokens[control_id] = (tokens, now_us)
+            return Refused(ErrorKind.RESOURCE_EXHAUSTED, "CHANNEL_THROTTLED")
+        self._tokens[control_id] = (tokens - US_PER_S, now_us)
+        return None
+
     def _sourced(self, command: Reserve) -> list[ReserveLine] | Refused:
         """A line that names no location is held from its channel's group, with the
         channel's split rule; without a group for the channel the request is refused."""
@@ -422,13 +617,36 @@ class ReferenceModel:
             )
         return lines
 
-    def _plan(self, line: ReserveLine, free: dict[At, int]) -> _Plan:
+    def _plans(
+        self, channel: str, lines: list[ReserveLine], now_us: int
+    ) -> list[_Plan]:
+        """Plan the lines in order; each sees what the earlier ones took."""
+        views = self.channel_views(channel, now_us=now_us)
+        free = {at: view.available_to_sell for at, view in views.items()}
+        pools = self._pools(now_us)
+        taken: dict[str, int] = {}
+        plans: list[_Plan] = []
+        for line in lines:
+            cap = self._cap(line.sku, channel, taken.get(line.sku, 0), pools)
+            is_suppressed = self.is_suppressed(channel, line.sku, now_us=now_us)
+            plan = self._plan(line, free, cap, is_suppressed=is_suppressed)
+            for location, quantity in plan.takes:
+                free[(line.sku, location)] -= quantity
+                taken[line.sku] = taken.get(line.sku, 0) + quantity
+            plans.append(plan)
+        return plans
+
+    def _plan(
+        self, line: ReserveLine, free: dict[At, int], cap: _Cap, *, is_suppressed: bool
+    ) -> _Plan:
         candidates = (line.location,) if line.location else line.locations
         if not any(sku == line.sku for sku, _ in self.on_hand):
             return _Plan([], ShortReason.UNKNOWN_SKU, 0)
         known_locations = {location for _, location in self.on_hand}
         if not any(location in known_locations for location in candidates):
             return _Plan([], ShortReason.UNKNOWN_LOCATION, 0)
+        if is_suppressed:
+            return _Plan([], ShortReason.CHANNEL_SUPPRESSED, 0)
 
         offers = [
             (location, free[(line.sku, location)])
@@ -439,31 +657,23 @@ class ReferenceModel:
         # locations when it may split, else the best single location.
         counts = [count for _, count in offers]
         could_have = sum(counts) if line.allow_split else max(counts, default=0)
-        # The first location in preference order that covers the whole line wins, even
-        # when splitting is allowed: one shipment beats two.
-        for location, count in offers:
-            if count >= line.quantity:
-                return _Plan([(location, line.quantity)], None, could_have)
-
-        if line.allow_split:
-            takes: list[tuple[str, int]] = []
-            wanted = line.quantity
-            for location, count in offers:
-                if count > 0 and wanted > 0:
-                    takes.append((location, min(count, wanted)))
-                    wanted -= min(count, wanted)
-            if wanted == 0:
-                return _Plan(takes, None, could_have)
-            return _Plan(takes, ShortReason.INSUFFICIENT_STOCK, line.quantity - wanted)
-
-        # Not covered anywhere and no split: a partial hold takes the location with the
-        # most, the earliest preferred one on a tie.
-        best_location, best_count = "", 0
-        for location, count in offers:
-            if count > best_count:
-                best_location, best_count = location, count
-        takes = [(best_location, best_count)] if best_count > 0 else []
-        return _Plan(takes, ShortReason.INSUFFICIENT_STOCK, best_count)
+        # No location offers more than the channel may still take of the sku, so a
+        # capped line without split takes the location with the most it may take (a
+        # choice the contract leaves open).
+        capped = [(location, min(count, cap.units)) for location, count in offers]
+        takes = _choose(line, capped, wanted=min(line.quantity, cap.units))
+        available = min(could_have, cap.units)
+        if sum(quantity for _, quantity in takes) == line.quantity:
+            return _Plan(takes, None, available)
+        # The pool is to blame only when it allows less than both the quantity and
+        # what stock would have allowed; a fence is a shortage of stock for the line.
+        is_pool_short = cap.is_own_pool and cap.units < min(could_have, line.quantity)
+        reason = (
+            ShortReason.CHANNEL_ALLOCATION_EXHAUSTED
+            if is_pool_short
+            else ShortReason.INSUFFICIENT_STOCK
+        )
+        return _Plan(takes, reason, available)
 
     @staticmethod
     def _reserve_answer(
@@ -495,20 +705,19 @@ class ReferenceModel:
 
     # Policies ----------------------------------------------------------------------------
 
-    def _policy(
-        self,
-        command: SetSafetyStock
-        | SetChannelBuffer
-        | SetLocationGroup
-        | SetChannelSourcing,
-        now_us: int,
-    ) -> Outcome:
+    def _policy(self, command: PolicyCommand, now_us: int) -> Outcome:
         """Zero units, an empty group and an empty sourcing group each remove the
         setting; a group a channel sources from cannot be removed, and a channel cannot
         source from a group that does not exist."""
         by = SetBy(command.actor, command.change_id, now_us)
         tables = self.policies
-        if isinstance(command, SetSafetyStock):
+        if isinstance(command, SetControl):
+            return self._set_control(command, by)
+        if isinstance(command, LiftControl):
+            return self._lift_control(command.control_id, now_us)
+        if isinstance(command, SetChannelAllocation):
+            self._allocate(command, by)
+        elif isinstance(command, SetSafetyStock):
             for level in command.levels:
                 _put(tables.safety_stock, (level.sku, level.location), level.units, by)
         elif isinstance(command, SetChannelBuffer):
@@ -522,6 +731,8 @@ class ReferenceModel:
                 tables.groups[command.name] = (command.locations, by)
             else:
                 tables.groups.pop(command.name, None)
+        elif not isinstance(command, SetChannelSourcing):
+            raise AssertionError(f"the model does not know {command!r}")
         elif command.group:
             if command.group not in tables.groups:
                 return Refused(ErrorKind.FAILED_PRECONDITION, "GROUP_UNKNOWN")
@@ -533,10 +744,62 @@ class ReferenceModel:
             tables.sourcing.pop(command.channel, None)
         return Answered(PolicyResult(), replayed=False)
 
+    def _allocate(self, command: SetChannelAllocation, by: SetBy) -> None:
+        """Setting an allocation starts its pool afresh at the units set, whatever was
+        left of an earlier one; zero units removes it with its pool."""
+        for level in command.allocations:
+            pair = (level.sku, level.channel)
+            if level.units:
+                self.policies.allocations[pair] = (level.exclusive, by)
+                self.policies.pools[pair] = level.units
+            else:
+                self.policies.allocations.pop(pair, None)
+                self.policies.pools.pop(pair, None)
+
+    def _set_control(self, command: SetControl, by: SetBy) -> Outcome:
+        """A control is in force from now until its until_us, which must lie ahead by
+        at most the longest time box; only one control of a kind per target may be in
+        force at a time. Its id is "<actor>:<change_id>". The tests fill only the
+        fields a control's kind uses, so the model keeps every field as given."""
+        now_us = by.at_us
+        if command.until_us <= now_us:
+            return Refused(ErrorKind.INVALID_ARGUMENT, "TIME_BOX_IN_PAST")
+        if command.until_us - now_us > self._control_duration_max_us:
+            return Refused(ErrorKind.INVALID_ARGUMENT, "TIME_BOX_TOO_LONG")
+        assert command.kind is not None
+        control = ControlView(
+            kind=command.kind,
+            channel=command.channel,
+            sku=command.sku,
+            location=command.location,
+            units=command.units,
+            percent=command.percent,
+            rate_per_s=command.rate_per_s,
+            until_us=command.until_us,
+            reason=command.reason,
+            set_by=by,
+        )
+        target = (control.channel, control.sku, control.location)
+        for other in self.controls_in_force(control.kind, now_us):
+            if (other.channel, other.sku, other.location) == target:
+                return Refused(ErrorKind.FAILED_PRECONDITION, "CONTROL_OVERLAPS")
+        control_id = f"{command.actor}:{command.change_id}"
+        self.policies.controls[control_id] = control
+        return Answered(PolicyResult(control_id=control_id), replayed=False)
+
+    def _lift_control(self, control_id: str, now_us: int) -> Outcome:
+        """Only a control in force can be lifted; it ends at once, bucket and all."""
+        control = self.policies.controls.get(control_id)
+        if control is None or not control.is_active(now_us):
+            return Refused(ErrorKind.NOT_FOUND, "CONTROL_NOT_FOUND")
+        del self.policies.controls[control_id]
+        self._tokens.pop(control_id, None)
+        return Answered(PolicyResult(), replayed=False)
+
     # Changes to one reservation ----------------------------------------------------------
 
     def _change(
-        self, command: Confirm | Release | Fulfill | Extend, now_us: int
+        self, command: Confirm | Release | Fulfill | Extend | Move, now_us: int
     ) -> Outcome:
         reservation_id = command.reservation_id
         reservation = self.reservations[reservation_id]
@@ -553,6 +816,8 @@ class ReferenceModel:
             return self._extend(reservation_id, command.ttl_s, now_us)
         if reservation.state not in _ACTIVE:
             return _refused_in(reservation.state)
+        if isinstance(command, Move):
+            return self._move(reservation_id, command, now_us)
         if isinstance(command, Fulfill) and (
             reservation.state is not ReservationState.CONFIRMED
         ):
@@ -582,6 +847,39 @@ class ReferenceModel:
         reservation.updated_us = now_us
         return Answered(self.view(reservation_id), replayed=False)
 
+    def _move(self, reservation_id: str, command: Move, now_us: int) -> Outcome:
+        """Held units of one sku change location, all or nothing. The line must hold
+        them, and the target must offer them to the reservation's channel as it would
+        to a new hold there. The units leave the source line as if never reserved
+        there; a line left with nothing reserved disappears, and the target line is
+        added after the others unless the reservation has one there already."""
+        reservation = self.reservations[reservation_id]
+        source_at = (command.sku, command.from_location)
+        source = reservation.lines.get(source_at)
+        if source is None or source.held < command.quantity:
+            return Refused(ErrorKind.FAILED_PRECONDITION, "QUANTITY_EXCEEDS_HELD")
+        target_at = (command.sku, command.to_location)
+        views = self.channel_views(reservation.channel, now_us=now_us)
+        if (
+            target_at not in views
+            or views[target_at].available_to_sell < command.quantity
+        ):
+            return Refused(
+                ErrorKind.FAILED_PRECONDITION, "INSUFFICIENT_STOCK_AT_TARGET"
+            )
+
+        source.reserved -= command.quantity
+        source.held -= command.quantity
+        target = reservation.lines.setdefault(
+            target_at, _Line(command.sku, command.to_location, 0, 0)
+        )
+        target.reserved += command.quantity
+        target.held += command.quantity
+        if source.reserved == 0:
+            del reservation.lines[source_at]
+        reservation.updated_us = now_us
+        return Answered(self.view(reservation_id), replayed=False)
+
     def _give_back(
         self, reservation_id: str, command: Release | Fulfill, now_us: int
     ) -> Outcome:
@@ -601,6 +899,11 @@ class ReferenceModel:
             if isinstance(command, Fulfill):
                 line.fulfilled += quantity
                 self.on_hand[at] -= quantity
+                # Shipping uses up the channel's pool for good; releasing only stops
+                # holding it.
+                pair = (line.sku, reservation.channel)
+                if pair in self.policies.pools:
+                    self.policies.pools[pair] -= quantity
             else:
                 line.released += quantity
         reservation.updated_us = now_us
@@ -613,6 +916,46 @@ class ReferenceModel:
             )
             reservation.expires_us = 0
         return Answered(self.view(reservation_id), replayed=False)
+
+
+def _choose(
+    line: ReserveLine, offers: list[tuple[str, int]], *, wanted: int
+) -> list[tuple[str, int]]:
+    """Where a line is held, given what each location offers in preference order and
+    the most the line may take in all."""
+    # The first location in preference order that covers the whole line wins, even
+    # when splitting is allowed: one shipment beats two.
+    for location, count in offers:
+        if count >= line.quantity:
+            return [(location, line.quantity)]
+
+    if line.allow_split:
+        takes: list[tuple[str, int]] = []
+        for location, count in offers:
+            if count > 0 and wanted > 0:
+                takes.append((location, min(count, wanted)))
+                wanted -= min(count, wanted)
+        return takes
+
+    # Not covered anywhere and no split: a partial hold takes the location with the
+    # most, the earliest preferred one on a tie.
+    best_location, best_count = "", 0
+    for location, count in offers:
+        if count > best_count:
+            best_location, best_count = location, count
+    return [(best_location, best_count)] if best_count > 0 else []
+
+
+def _is_suppressed(channel: str, sku: str, suppressions: list[ControlView]) -> bool:
+    """A suppression names its channel, and one sku or every sku ("")."""
+    return any(
+        control.channel == channel and control.sku in ("", sku)
+        for control in suppressions
+    )
+
+
+def _percent_rounded_up(units: int, percent: int) -> int:
+    return -(-units * percent // 100)
 
 
 def _put(

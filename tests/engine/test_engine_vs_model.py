@@ -7,13 +7,20 @@ which names its reservations itself; the map between the two is learnt when a Re
 is answered. Every engine decision is marked durable at once, which is what lets the
 model ignore withheld gains. After every step the test compares the answer (or the
 refusal's kind and reason), every position, what each channel may hold at every
-position, the policies in force with who set them, the reservations, and the engine's
-own invariants.
+position, the policies in force with who set them (allocations with their pools,
+controls in force), what each channel's allocation has remaining and the most it could
+take of each sku, the reservations, and the engine's own invariants.
+
+The clock moves between steps as well as in sweeps, so that continuity controls start,
+bite and end mid-sequence, throttle buckets refill, and holds fall due before a sweep.
 
 The recovery test records what a ledger would have written (write-ahead records and
 request rows), rebuilds a second engine from a checkpoint taken part-way plus the later
-records, checks that it shows the same state and replays the same answers, and then
-keeps deciding on both engines to show they stay in step.
+records, checks that it shows the same state (allocations, pools and controls included)
+and replays the same answers, and then keeps deciding on both engines to show they stay
+in step. Throttle buckets are the one thing not recovered: a recovered engine starts
+them full, which a third engine recovered for the purpose checks; the clock then moves
+a second on, after which the original's buckets are full as well.
 
 Every test prints its seed. To replay a failure, run with STOCKWARD_SEED set to the
 seed printed in the failure message.
@@ -34,12 +41,15 @@ from server.engine.commands import (
     Adjustment,
     AdjustmentReason,
     AdjustStock,
+    AllocationLevel,
     BufferLevel,
     Command,
     Confirm,
     Extend,
     Fulfill,
+    LiftControl,
     LineQuantity,
+    Move,
     OnHandCount,
     PolicyCommand,
     PolicyResult,
@@ -50,24 +60,31 @@ from server.engine.commands import (
     ReserveResult,
     Result,
     SafetyLevel,
+    SetChannelAllocation,
     SetChannelBuffer,
     SetChannelSourcing,
+    SetControl,
     SetLocationGroup,
     SetOnHand,
     SetSafetyStock,
     StockResult,
 )
 from server.engine.engine import Decision, Engine, Replay, RequestRow, WalRecord
-from server.engine.errors import EngineError, InvariantBroken
+from server.engine.errors import EngineError, ErrorKind, InvariantBroken
 from server.engine.limits import Limits
 from server.engine.model import ACTIVE_STATES, Reservation
+from server.engine.policy import Attribution, Control, ControlKind
 from tests.engine.reference_model import (
+    US_PER_S,
+    AllocationView,
     Answered,
     At,
     ChannelView,
+    ControlView,
     LineView,
     ModelResult,
     Outcome,
+    Pair,
     PoliciesView,
     PositionView,
     ReferenceModel,
@@ -81,11 +98,11 @@ LIMITS = Limits()
 
 SHARD_COUNTS = (1, 7)
 # Enough sequences to reach the rare paths (a retry of a refused request, a release of
-# a hold that is due but not swept yet) on most runs, while the file stays well under
-# 30 s.
-SEQUENCES_PER_SHARD_COUNT = 150
+# a hold that is due but not swept yet, a move into a suppressed channel's view) on
+# most runs, while the file stays near 25 s on a 2-core machine.
+SEQUENCES_PER_SHARD_COUNT = 110
 STEPS_PER_SEQUENCE = 200
-RECOVERY_SEQUENCES_PER_SHARD_COUNT = 40
+RECOVERY_SEQUENCES_PER_SHARD_COUNT = 30
 RECOVERY_STEPS_BEFORE = 150
 RECOVERY_STEPS_AFTER = 60
 
@@ -118,16 +135,53 @@ UNSOURCED_LINE_SHARE = 0.03
 # removes the channel's default.
 UNKNOWN_GROUP_SHARE = 0.1
 SOURCING_REMOVAL_SHARE = 0.2
+# Allocation pools span every location of a sku, so they run larger than the levels
+# above: up to about what one sku has on hand, so that pools and fences both bite.
+ALLOCATION_UNITS_MAX = 15
+EXCLUSIVE_SHARE = 0.5
+# Throttle rates are powers of two and every clock step is a multiple of 1/8 s, so each
+# refill is a whole number of eighths of a token: exact in the engine's floating point
+# as in the model's integers, and the two agree on every boundary.
+THROTTLE_RATES_PER_S = (1, 2, 4)
+# Time boxes, seconds: from shorter than a clock step to longer than most sequences.
+TIME_BOXES_S = (0.5, 1, 2, 5, 30, 120, 600)
+# How often a control's time box has already ended (TIME_BOX_IN_PAST), is longer than
+# allowed (TIME_BOX_TOO_LONG), or exactly the longest allowed.
+TIME_BOX_IN_PAST_SHARE = 0.05
+TIME_BOX_TOO_LONG_SHARE = 0.05
+TIME_BOX_LONGEST_SHARE = 0.03
+# Raised safety stock: a few units and a percent of on-hand that is sometimes exact,
+# sometimes rounded up, and sometimes all of it.
+RAISE_UNITS_MAX = 3
+RAISE_PERCENTS = (0, 10, 33, 50, 100)
+# How often a new control takes the kind and target of one in force (CONTROL_OVERLAPS).
+OVERLAP_SHARE = 0.25
+# How often a lift names a control that was never set (CONTROL_NOT_FOUND), and how
+# often one in force when there is one; the rest name controls set earlier, some of
+# them ended, lifted or refused.
+UNKNOWN_CONTROL_SHARE = 0.1
+IN_FORCE_LIFT_SHARE = 0.7
+# How often a move names a line the reservation lacks or more than it holds, and how
+# often it targets a location that never stocked anything.
+MOVE_ASTRAY_SHARE = 0.1
+UNKNOWN_TARGET_SHARE = 0.05
 # Far more holds than a sequence makes, so one sweep takes every due hold.
 EXPIRIES_PER_SWEEP_MAX = 10_000
 # Clock steps, seconds: many smaller than the shortest hold, some past the default TTL.
 ADVANCES_S = (0.5, 1, 7, 30, 90, 300, 1000)
+# Between steps the clock often moves a little: controls start and end, buckets refill.
+CLOCK_STEP_SHARE = 0.4
+CLOCK_STEPS_S = (0.125, 0.25, 0.5, 1, 2)
+# A throttle bucket holds one second of tokens, so a second after its last request it
+# is full whatever its rate.
+BUCKET_REFILL_S = 1
 
 # Relative weights of what a step does.
 STEP_WEIGHTS = {
     "set_on_hand": 6,
     "adjust": 6,
     "reserve": 22,
+    "burst": 3,
     "confirm": 10,
     "release": 6,
     "release_part": 6,
@@ -138,12 +192,30 @@ STEP_WEIGHTS = {
     "retry": 7,
     "reuse_key": 3,
     "unknown_reservation": 2,
+    "move": 5,
     "safety_stock": 3,
     "buffer": 3,
     "group": 3,
     "sourcing": 3,
+    "allocation": 4,
+    "control": 4,
+    "lift": 2,
+    "retune": 2,
 }
-POLICY_STEPS = ("safety_stock", "buffer", "group", "sourcing")
+POLICY_STEPS = (
+    "safety_stock",
+    "buffer",
+    "group",
+    "sourcing",
+    "allocation",
+    "control",
+    "lift",
+)
+# A burst is several reservation requests of one channel at one instant, as a flash
+# sale brings: enough to empty a throttle's bucket.
+BURST_REQUESTS_MAX = 6
+# Every (sku, channel) whose allocation and cap are compared after each step.
+PAIRS = [(sku, channel) for sku in SKUS for channel in CHANNELS]
 
 
 # Seeds ---------------------------------------------------------------------------------
@@ -230,8 +302,40 @@ def engine_channel_views(engine: Engine, channel: str) -> dict[At, ChannelView]:
     return views
 
 
-def engine_policies(engine: Engine) -> PoliciesView:
+def set_by(attribution: Attribution) -> SetBy:
+    return SetBy(attribution.actor, attribution.change_id, attribution.at_us)
+
+
+def control_view(control: Control) -> ControlView:
+    return ControlView(
+        kind=control.kind,
+        channel=control.channel,
+        sku=control.sku,
+        location=control.location,
+        units=control.units,
+        percent=control.percent,
+        rate_per_s=control.rate_per_s,
+        until_us=control.until_us,
+        reason=control.reason,
+        set_by=set_by(control.attribution),
+    )
+
+
+def engine_policies(engine: Engine, *, now_us: int) -> PoliciesView:
+    """The policies as GetPolicies shows them at `now_us`."""
     policies = engine.policies
+    allocations = {
+        (sku, channel): (exclusive, set_by(a))
+        for sku, by_channel in policies.allocations.items()
+        for channel, (exclusive, a) in by_channel.items()
+    }
+    # The engine keeps a removed allocation's pool at zero, as a place for deltas to
+    # land; a pool without an allocation must be exactly that.
+    pools = {
+        pair: units
+        for pair, units in policies.pools.items()
+        if pair in allocations or units != 0
+    }
     return PoliciesView(
         safety_stock={
             at: (units, SetBy(a.actor, a.change_id, a.at_us))
@@ -249,7 +353,22 @@ def engine_policies(engine: Engine) -> PoliciesView:
             channel: ((s.group, s.allow_split), SetBy(a.actor, a.change_id, a.at_us))
             for channel, (s, a) in policies.sourcing.items()
         },
+        allocations=allocations,
+        pools=pools,
+        controls={
+            control.control_id: control_view(control)
+            for control in policies.active_controls(now_us)
+        },
     )
+
+
+def engine_allocations(engine: Engine) -> dict[Pair, AllocationView]:
+    views: dict[Pair, AllocationView] = {}
+    for sku, channel in PAIRS:
+        cap, has_allocation = engine.channel_cap(sku, channel)
+        remaining = engine.allocation_remaining(sku, channel)
+        views[(sku, channel)] = AllocationView(remaining, cap, has_allocation)
+    return views
 
 
 def check_invariants(engine: Engine, where: str) -> None:
@@ -319,10 +438,14 @@ class Comparison:
         self.ids = IdSource()
         self.engine = Engine(shard_count=shard_count, clock=self.clock, new_id=self.ids)
         self.model = ReferenceModel(
-            on_hand_max=LIMITS.on_hand_max, ttl_default_s=LIMITS.ttl_default_s
+            on_hand_max=LIMITS.on_hand_max,
+            ttl_default_s=LIMITS.ttl_default_s,
+            control_duration_max_s=LIMITS.control_duration_max_s,
         )
         self.to_model: dict[str, str] = {}
         self.sent: list[Command] = []
+        # The id of every control a SetControl asked for, set or refused.
+        self.control_ids: list[str] = []
         self.journal = Journal()
         # A second engine fed the same commands, once one has been recovered.
         self.shadow: Engine | None = None
@@ -346,21 +469,65 @@ class Comparison:
             self.step_name = self.rng.choices(names, weights)[0]
             if self.step_index == 1:
                 self.step_name = "set_on_hand"
-            touched = self.tick() if self.step_name == "tick" else self.send_one()
+            elif self.rng.random() < CLOCK_STEP_SHARE:
+                self.clock.advance(self.rng.choice(CLOCK_STEPS_S))
+            if self.step_name == "tick":
+                touched = self.tick()
+            elif self.step_name == "burst":
+                touched = self.burst()
+            elif self.step_name == "retune":
+                touched = self.retune()
+            else:
+                touched = self.send_one()
             self.compare_state(touched)
 
     def send_one(self) -> list[str]:
         command = self.make(self.step_name)
         self.sent.append(command)
+        if isinstance(command, SetControl):
+            self.control_ids.append(f"{command.actor}:{command.change_id}")
         self.send(command)
         target = getattr(command, "reservation_id", "")
         return [target] if target in self.to_model else []
+
+    def burst(self) -> list[str]:
+        """Several reservation requests of one channel at one instant; the reservations
+        they make are active, so `compare_state` looks at them anyway."""
+        channel = self.rng.choice(CHANNELS)
+        for _ in range(self.rng.randint(2, BURST_REQUESTS_MAX)):
+            command = self.reserve(channel=channel)
+            self.sent.append(command)
+            self.send(command)
+        return []
+
+    def retune(self) -> list[str]:
+        """Lift a control in force and at once set another of the same kind and target,
+        as an operator changes a throttle's rate: the overlap rule asks for just that.
+        A new throttle must start with a full bucket of its own."""
+        in_force = self.model.policies.in_force(self.clock.now_us()).controls
+        if not in_force:
+            return self.send_one()
+        # Throttles first: their buckets are what a retune can get wrong.
+        throttles = [
+            cid for cid, c in in_force.items() if c.kind is ControlKind.THROTTLE
+        ]
+        control_id = self.rng.choice(throttles or sorted(in_force))
+        actor = self.rng.choice(ACTORS)
+        lift = LiftControl(actor, self.key("chg-"), control_id)
+        replacement = self.control(actor, self.key("chg-"), like=in_force[control_id])
+        for command in (lift, replacement):
+            self.sent.append(command)
+            self.send(command)
+        self.control_ids.append(f"{actor}:{replacement.change_id}")
+        return []
 
     def make(self, name: str) -> Command:
         if name == "set_on_hand":
             return self.set_on_hand()
         if name == "adjust":
             return self.adjust()
+        if name == "retune":
+            return self.control(self.rng.choice(ACTORS), self.key("chg-"))
         if name == "reserve" or (name in {"retry", "reuse_key"} and not self.sent):
             return self.reserve()
         if name == "retry":
@@ -368,7 +535,8 @@ class Comparison:
         if name == "reuse_key":
             return self.reuse_key(self.rng.choice(self.sent))
         if name == "unknown_reservation":
-            return self.change(self.rng.choice(("confirm", "release", "extend")))
+            names = ("confirm", "release", "extend", "move")
+            return self.change(self.rng.choice(names))
         if name in POLICY_STEPS:
             return self.policy_change(name, self.rng.choice(ACTORS), self.key("chg-"))
         return self.change(name)
@@ -441,8 +609,17 @@ class Comparison:
         return self.rng.randint(1, POLICY_UNITS_MAX)
 
     def policy_change(self, name: str, actor: str, change_id: str) -> PolicyCommand:
-        """A valid policy change; removals, a group in use and an unknown group among
-        them."""
+        """A valid policy change; removals, a group in use, an unknown group, controls
+        that overlap and lifts of controls not in force among them."""
+        if name == "allocation":
+            return self.allocation(actor, change_id)
+        if name == "control":
+            return self.control(actor, change_id)
+        if name == "lift":
+            return LiftControl(actor, change_id, self.control_to_lift())
+        return self.setting_change(name, actor, change_id)
+
+    def setting_change(self, name: str, actor: str, change_id: str) -> PolicyCommand:
         rng = self.rng
         if name == "safety_stock":
             places = [(sku, loc) for sku in ("", *SKUS) for loc in LOCATIONS]
@@ -475,6 +652,83 @@ class Comparison:
             actor, change_id, rng.choice(CHANNELS), group, rng.random() < 0.5
         )
 
+    def allocation(self, actor: str, change_id: str) -> SetChannelAllocation:
+        levels: list[AllocationLevel] = []
+        for sku, channel in self.rng.sample(PAIRS, k=self.rng.randint(1, 2)):
+            units = 0
+            if self.rng.random() >= REMOVAL_SHARE:
+                units = self.rng.randint(1, ALLOCATION_UNITS_MAX)
+            exclusive = self.rng.random() < EXCLUSIVE_SHARE
+            levels.append(AllocationLevel(sku, channel, units, exclusive))
+        return SetChannelAllocation(actor, change_id, tuple(levels))
+
+    def control(
+        self, actor: str, change_id: str, *, like: ControlView | None = None
+    ) -> SetControl:
+        """A control of a random kind, setting only the fields its kind uses. Targets
+        come from a small set, and now and then repeat one in force, so that overlaps
+        come up; `like` names a control whose kind and target to take."""
+        rng = self.rng
+        kind = rng.choice(list(ControlKind))
+        target = (
+            rng.choice(CHANNELS) if kind is not ControlKind.RAISE_SAFETY else "",
+            rng.choice(("", *SKUS)) if kind is not ControlKind.THROTTLE else "",
+            rng.choice(("", *LOCATIONS)) if kind is ControlKind.RAISE_SAFETY else "",
+        )
+        in_force = self.model.policies.in_force(self.clock.now_us()).controls
+        if like is None and in_force and rng.random() < OVERLAP_SHARE:
+            like = in_force[rng.choice(sorted(in_force))]
+        if like is not None:
+            kind = like.kind
+            target = (like.channel, like.sku, like.location)
+
+        units = percent = rate_per_s = 0
+        if kind is ControlKind.RAISE_SAFETY:
+            percent = rng.choice(RAISE_PERCENTS)
+            # A raise needs units or a percent.
+            units = rng.randint(0 if percent else 1, RAISE_UNITS_MAX)
+        if kind is ControlKind.THROTTLE:
+            rate_per_s = rng.choice(THROTTLE_RATES_PER_S)
+        channel, sku, location = target
+        return SetControl(
+            actor=actor,
+            change_id=change_id,
+            kind=kind,
+            channel=channel,
+            sku=sku,
+            location=location,
+            units=units,
+            percent=percent,
+            rate_per_s=rate_per_s,
+            until_us=self.until_us(),
+            reason=f"{kind.value} drill",
+        )
+
+    def until_us(self) -> int:
+        """The end of a control's time box: mostly ahead by a little or a lot, now and
+        then already past, too far ahead, or exactly as far as allowed."""
+        now_us = self.clock.now_us()
+        longest_us = LIMITS.control_duration_max_s * US_PER_S
+        draw = self.rng.random()
+        if draw < TIME_BOX_IN_PAST_SHARE:
+            return now_us - self.rng.choice((0, US_PER_S))
+        draw -= TIME_BOX_IN_PAST_SHARE
+        if draw < TIME_BOX_TOO_LONG_SHARE:
+            return now_us + longest_us + self.rng.choice((1, US_PER_S))
+        draw -= TIME_BOX_TOO_LONG_SHARE
+        if draw < TIME_BOX_LONGEST_SHARE:
+            return now_us + longest_us
+        return now_us + int(self.rng.choice(TIME_BOXES_S) * US_PER_S)
+
+    def control_to_lift(self) -> str:
+        """A control id to lift; one never set has change id 0, as ids count from 1."""
+        if not self.control_ids or self.rng.random() < UNKNOWN_CONTROL_SHARE:
+            return f"{self.rng.choice(ACTORS)}:chg-0"
+        in_force = self.model.policies.in_force(self.clock.now_us()).controls
+        if in_force and self.rng.random() < IN_FORCE_LIFT_SHARE:
+            return self.rng.choice(sorted(in_force))
+        return self.rng.choice(self.control_ids)
+
     def target(self) -> str:
         """A reservation to change: mostly active ones, sometimes one that is not."""
         if not self.to_model or self.step_name == "unknown_reservation":
@@ -502,8 +756,28 @@ class Comparison:
             return Release(request_id, reservation_id, self.part_lines(reservation_id))
         if name == "fulfil":
             return Fulfill(request_id, reservation_id)
+        if name == "move":
+            return self.move(request_id, reservation_id)
         assert name == "fulfil_part", name
         return Fulfill(request_id, reservation_id, self.part_lines(reservation_id))
+
+    def move(self, request_id: str, reservation_id: str) -> Move:
+        """Some units of one line to another location; now and then a line the
+        reservation lacks, more than the line holds, or a location that never stocked
+        anything."""
+        rng = self.rng
+        if reservation_id in self.to_model and rng.random() >= MOVE_ASTRAY_SHARE:
+            line = rng.choice(self.model_view(reservation_id).lines)
+            sku, source = line.sku, line.location
+            beyond = 1 if rng.random() < MOVE_ASTRAY_SHARE else 0
+            quantity = rng.randint(1, max(1, line.quantity_held) + beyond)
+        else:
+            sku, source = rng.choice(POSITIONS)
+            quantity = rng.randint(1, 3)
+        target = rng.choice([location for location in LOCATIONS if location != source])
+        if rng.random() < UNKNOWN_TARGET_SHARE:
+            target = UNKNOWN_LOCATION
+        return Move(request_id, reservation_id, sku, source, target, quantity)
 
     def part_lines(self, reservation_id: str) -> tuple[LineQuantity, ...]:
         """Some of a reservation's lines; now and then a line it does not have or more
@@ -534,13 +808,13 @@ class Comparison:
         if self.rng.random() < 0.5:
             channel = earlier.channel if isinstance(earlier, Reserve) else ""
             return self.reserve(channel=channel, request_id=earlier.request_id)
-        name = self.rng.choice(("confirm", "release", "fulfil", "extend"))
+        name = self.rng.choice(("confirm", "release", "fulfil", "extend", "move"))
         return self.change(name, request_id=earlier.request_id)
 
     # Deciding ----------------------------------------------------------------------------
 
     def for_model(self, command: Command) -> Command:
-        if isinstance(command, Confirm | Release | Fulfill | Extend):
+        if isinstance(command, Confirm | Release | Fulfill | Extend | Move):
             rid = command.reservation_id
             return dataclasses.replace(
                 command, reservation_id=self.to_model.get(rid, rid)
@@ -659,8 +933,14 @@ class Comparison:
 
     def compare_state(self, touched: list[str]) -> None:
         where = self.where()
+        now_us = self.clock.now_us()
         assert engine_positions(self.engine) == self.model.positions(), where
-        assert engine_policies(self.engine) == self.model.policies, where
+        assert engine_policies(
+            self.engine, now_us=now_us
+        ) == self.model.policies.in_force(now_us), where
+        assert engine_allocations(self.engine) == self.model.allocation_views(
+            PAIRS, now_us=now_us
+        ), where
         # One view per step, in turn, keeps the run short: each is compared every third
         # step, and all of them by `compare_all`.
         self.compare_channel_view(VIEWS[self.step_index % len(VIEWS)])
@@ -676,7 +956,8 @@ class Comparison:
 
     def compare_channel_view(self, channel: str) -> None:
         got = engine_channel_views(self.engine, channel)
-        assert got == self.model.channel_views(channel), f"{self.where()}: {channel!r}"
+        expected = self.model.channel_views(channel, now_us=self.clock.now_us())
+        assert got == expected, f"{self.where()}: {channel!r}"
 
     def compare_reservation(self, engine_id: str) -> None:
         got = engine_view(self.engine.get_reservation(engine_id))
@@ -713,8 +994,11 @@ def take_checkpoint(comparison: Comparison) -> Checkpoint:
     )
 
 
-def recover(comparison: Comparison, checkpoint: Checkpoint) -> Engine:
-    """A new engine from the checkpoint, the later records and the request log."""
+def recover(
+    comparison: Comparison, checkpoint: Checkpoint, rng: random.Random
+) -> Engine:
+    """A new engine from the checkpoint, the later records (shards interleaved as `rng`
+    says) and the request log."""
     engine = Engine(
         shard_count=comparison.shard_count,
         clock=comparison.clock,
@@ -729,7 +1013,7 @@ def recover(comparison: Comparison, checkpoint: Checkpoint) -> Engine:
         engine.restore_seq(shard, last_seq)
 
     later = comparison.journal.records[checkpoint.records_before :]
-    for record in interleave(later, comparison.rng):
+    for record in interleave(later, rng):
         engine.replay_record(record.shard, record.seq, json_round_trip(record.body))
     for _, row in comparison.journal.requests:
         engine.restore_request(
@@ -748,7 +1032,16 @@ def compare_recovered(comparison: Comparison, recovered: Engine) -> None:
     original = comparison.engine
     check_invariants(recovered, where)
     assert engine_positions(recovered) == engine_positions(original), where
-    assert engine_policies(recovered) == engine_policies(original), where
+    now_us = comparison.clock.now_us()
+    assert engine_policies(recovered, now_us=now_us) == engine_policies(
+        original, now_us=now_us
+    ), where
+    # Controls whose time box ended are kept until pruned, and recovered as they were.
+    assert recovered.policies.controls == original.policies.controls, where
+    assert engine_allocations(recovered) == engine_allocations(original), where
+    for channel in VIEWS:
+        got = engine_channel_views(recovered, channel)
+        assert got == engine_channel_views(original, channel), f"{where}: {channel!r}"
     assert {rid: r.to_json() for rid, r in recovered.reservations.items()} == {
         rid: r.to_json() for rid, r in original.reservations.items()
     }, where
@@ -759,6 +1052,28 @@ def compare_recovered(comparison: Comparison, recovered: Engine) -> None:
         assert isinstance(first, Replay), f"{where}: {command!r}"
         assert isinstance(again, Replay), f"{where}: {command!r} not replayed"
         assert again.result == first.result, f"{where}: {command!r}"
+
+
+def check_buckets_start_full(comparison: Comparison, checkpoint: Checkpoint) -> None:
+    """Throttle buckets are not durable: on an engine recovered for the purpose, each
+    throttled channel may make as many requests at once as its rate, and no more."""
+    where = f"{comparison.where()} after recovery"
+    probe = recover(comparison, checkpoint, random.Random(comparison.step_index))
+    now_us = comparison.clock.now_us()
+    for throttle in comparison.model.controls_in_force(ControlKind.THROTTLE, now_us):
+        line = ReserveLine(SKUS[0], 1, location=LOCATIONS[0])
+        for index in range(throttle.rate_per_s + 1):
+            command = Reserve(f"probe-{index}", throttle.channel, (line,))
+            try:
+                decision = probe.decide(command)
+            except EngineError as error:
+                refused = (error.kind, error.reason)
+                assert refused == (ErrorKind.RESOURCE_EXHAUSTED, "CHANNEL_THROTTLED")
+                assert index == throttle.rate_per_s, f"{where}: {throttle} refused"
+                continue
+            assert index < throttle.rate_per_s, f"{where}: {throttle} let one more by"
+            assert isinstance(decision, Decision), f"{where}: {command!r}"
+            probe.mark_durable(decision)
 
 
 # Tests ---------------------------------------------------------------------------------
@@ -795,10 +1110,14 @@ def test_recovered_engine_shows_the_same_state_and_answers(
         comparison.run(RECOVERY_STEPS_BEFORE - checkpoint_step)
 
         try:
-            recovered = recover(comparison, checkpoint)
+            recovered = recover(comparison, checkpoint, comparison.rng)
         except InvariantBroken as error:
             raise AssertionError(f"{comparison.where()}: recovery: {error}") from error
         compare_recovered(comparison, recovered)
+        check_buckets_start_full(comparison, checkpoint)
+        # From a second on, the original's buckets are full too and both engines must
+        # decide alike.
+        comparison.clock.advance(BUCKET_REFILL_S)
         comparison.shadow = recovered
         comparison.run(RECOVERY_STEPS_AFTER)
         comparison.compare_all()
