@@ -99,11 +99,15 @@ class Changing(EngineState):
         target = self.shards[shard_of(command.sku, len(self.shards))].position(
             command.sku, command.to_location
         )
-        available = (
-            self.policies.available(target, reservation.channel, now_us)
-            if target
-            else 0
-        )
+        available = 0
+        if target is not None:
+            # The units taken at the target are new ones: another channel's ring
+            # fence applies to them as to any hold (the source's units come free only
+            # once durable).
+            available = min(
+                self.policies.available(target, reservation.channel, now_us),
+                max(0, self.unfenced_units(command.sku, reservation.channel)),
+            )
         if target is None or available < command.quantity:
             raise FailedPrecondition(
                 "INSUFFICIENT_STOCK_AT_TARGET",

@@ -164,15 +164,9 @@ class Reserving(EngineState):
         if channel in by_channel:
             cap = self.allocation_remaining(sku, channel) - planned
             is_allocation_cap = True
-        fence = sum(
-            self.allocation_remaining(sku, other)
-            for other, (exclusive, _) in by_channel.items()
-            if exclusive and other != channel
-        )
-        if fence:
-            unfenced = self._free_units(sku) - planned - fence
-            if unfenced < cap:
-                cap, is_allocation_cap = unfenced, False
+        unfenced = self.unfenced_units(sku, channel) - planned
+        if unfenced < cap:
+            cap, is_allocation_cap = unfenced, False
         return max(0, cap), is_allocation_cap
 
     def channel_cap(self, sku: str, channel: str) -> tuple[int, bool]:
@@ -180,20 +174,6 @@ class Reserving(EngineState):
         it has an allocation of it."""
         cap, _ = self._cap(sku, channel, {})
         return cap, self.policies.allocation_of(sku, channel) is not None
-
-    def allocation_remaining(self, sku: str, channel: str) -> int:
-        """Units of the channel's pool it may still hold (never below zero)."""
-        key = (channel, sku)
-        lent = self.channel_held.get(key, 0) + self.channel_withheld.get(key, 0)
-        return max(0, self.policies.pools.get((sku, channel), 0) - lent)
-
-    def _free_units(self, sku: str) -> int:
-        """Units of a sku free to promise anywhere, before channel buffers."""
-        now_us = self._clock.now_us()
-        return sum(
-            self.policies.available(p, "", now_us)
-            for p in self.positions_of(sku).values()
-        )
 
     @staticmethod
     def _choose(

@@ -244,3 +244,30 @@ class EngineState:
         for shard in self.shards:
             for by_location in shard.positions.values():
                 yield from by_location.values()
+
+    def allocation_remaining(self, sku: str, channel: str) -> int:
+        """Units of the channel's pool it may still hold (never below zero)."""
+        key = (channel, sku)
+        lent = self.channel_held.get(key, 0) + self.channel_withheld.get(key, 0)
+        return max(0, self.policies.pools.get((sku, channel), 0) - lent)
+
+    def _free_units(self, sku: str) -> int:
+        """Units of a sku free to promise anywhere, before channel buffers."""
+        now_us = self._clock.now_us()
+        return sum(
+            self.policies.available(p, "", now_us)
+            for p in self.positions_of(sku).values()
+        )
+
+    def unfenced_units(self, sku: str, channel: str) -> int:
+        """Units of a sku `channel` may take without eating into another channel's
+        exclusive allocation (no limit when there is none)."""
+        by_channel = self.policies.allocations.get(sku)
+        fence = sum(
+            self.allocation_remaining(sku, other)
+            for other, (exclusive, _) in (by_channel or {}).items()
+            if exclusive and other != channel
+        )
+        if not fence:
+            return self.limits.on_hand_max
+        return self._free_units(sku) - fence

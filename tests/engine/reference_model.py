@@ -860,9 +860,20 @@ class ReferenceModel:
             return Refused(ErrorKind.FAILED_PRECONDITION, "QUANTITY_EXCEEDS_HELD")
         target_at = (command.sku, command.to_location)
         views = self.channel_views(reservation.channel, now_us=now_us)
+        # The units taken at the target are new: other channels' ring fences apply.
+        pools = self._pools(now_us)
+        fenced = sum(
+            units
+            for (fenced_sku, other), units in pools.remaining.items()
+            if fenced_sku == command.sku
+            and other != reservation.channel
+            and self.policies.allocations[(fenced_sku, other)][0]
+        )
+        unfenced = pools.free.get(command.sku, 0) - fenced
         if (
             target_at not in views
             or views[target_at].available_to_sell < command.quantity
+            or (fenced and unfenced < command.quantity)
         ):
             return Refused(
                 ErrorKind.FAILED_PRECONDITION, "INSUFFICIENT_STOCK_AT_TARGET"

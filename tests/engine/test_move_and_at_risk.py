@@ -20,6 +20,7 @@ from server.engine.commands import (
     Adjustment,
     AdjustmentReason,
     AdjustStock,
+    AllocationLevel,
     BufferLevel,
     Confirm,
     Fulfill,
@@ -33,6 +34,7 @@ from server.engine.commands import (
     ReserveOutcome,
     ReserveResult,
     SafetyLevel,
+    SetChannelAllocation,
     SetChannelBuffer,
     SetControl,
     SetOnHand,
@@ -691,3 +693,25 @@ def test_at_risk_matches_a_reference_model_over_random_histories(
 
     # The history must have put holds at risk often enough to mean something.
     assert seen_at_risk > MODEL_STEPS // 20, f"STOCKWARD_SEED={seed}"
+
+
+def test_move_does_not_take_units_another_channel_has_ring_fenced(
+    engine: Engine,
+) -> None:
+    """A count left the source over-held, so its units do not come free; the units
+    taken at the target are new and must leave the marketplace's pool free."""
+    stock(engine, (A, L1, 4), (A, L2, 5))
+    reservation_id = hold(engine, A, L1, 4)
+    durable(
+        engine,
+        SetChannelAllocation(
+            "ops", key("alloc-"), (AllocationLevel(A, "marketplace", 5, True),)
+        ),
+    )
+    durable(engine, SetOnHand("erp", key("count-"), (OnHandCount(A, L1, 0),)))
+    before = snapshot(engine)
+
+    error = refusal(engine, move(reservation_id, 1))
+
+    assert error.reason == "INSUFFICIENT_STOCK_AT_TARGET"
+    assert snapshot(engine) == before
