@@ -85,7 +85,8 @@ async def start_server(
     running: list[Running] = []
 
     async def start(**overrides: object) -> Running:
-        server = await launch(dataclasses.replace(config, **overrides), clock)  # type: ignore[arg-type]
+        settings = dataclasses.replace(config, **overrides)  # type: ignore[arg-type]
+        server = await launch(settings, clock)
         running.append(server)
         return server
 
