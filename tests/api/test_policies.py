@@ -830,6 +830,10 @@ async def test_get_policies_shows_who_changed_each_setting_and_when(
 # Durability --------------------------------------------------------------------------------
 
 
+# A fixed ETA (2030-01-01): the subprocess server runs on the real clock.
+INBOUND_ETA_S = 1_893_456_000
+
+
 async def set_every_kind_of_policy(
     admin: admin_pb2_grpc.StockAdminServiceStub,
 ) -> None:
@@ -851,6 +855,37 @@ async def set_every_kind_of_policy(
     await set_policy(admin, buffer_request("chg-3", (WEB, "", 0)))
     await set_policy(admin, group_request("chg-4", "ship", "STORE", "DC"))
     await set_policy(admin, sourcing_request("chg-5", MARKET, "ship"))
+    # Inbound supply of another sku, partly received: its figure is a sum of deltas
+    # from two records in different streams, which recovery must add up again.
+    supply = admin_pb2.InboundSupply(sku="LAMP", location="DC", quantity=6)
+    supply.eta.FromSeconds(INBOUND_ETA_S)
+    await admin.SetInboundSupply(
+        admin_pb2.SetInboundSupplyRequest(
+            actor="erp", change_id="chg-6", supplies=[supply]
+        ),
+        timeout=RPC_TIMEOUT_S,
+    )
+    await admin.SetChannelPreorders(
+        admin_pb2.SetChannelPreordersRequest(
+            actor="ops", change_id="chg-7", channel=WEB, allowed=True
+        ),
+        timeout=RPC_TIMEOUT_S,
+    )
+    await admin.AdjustStock(
+        admin_pb2.AdjustStockRequest(
+            source="wms",
+            source_event_id="receipt-1",
+            adjustments=[
+                admin_pb2.StockAdjustment(
+                    sku="LAMP",
+                    location="DC",
+                    delta=2,
+                    reason=admin_pb2.ADJUSTMENT_REASON_RECEIPT,
+                )
+            ],
+        ),
+        timeout=RPC_TIMEOUT_S,
+    )
 
 
 async def check_decisions_honour_policies(
@@ -912,6 +947,7 @@ async def test_policies_survive_a_sigkill_of_the_server_process(
         admin = admin_pb2_grpc.StockAdminServiceStub(channel)
         await set_every_kind_of_policy(admin)
         before = await get_policies(admin)
+        assert [(x.sku, x.quantity) for x in before.inbound] == [("LAMP", 4)]
 
     # SIGKILL: no drain and no checkpoint, so recovery replays the policy records.
     server_process.kill()
