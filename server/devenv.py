@@ -711,10 +711,21 @@ def load_config(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Deven
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    # Warnings and errors only: stdout carries the one line that says what happened.
+    # Warnings and errors go to stderr; the one line that says what happened goes to
+    # stdout on its own, through the module logger, for `make` to show.
     logging.basicConfig(
         level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+    result = logging.StreamHandler(sys.stdout)
+    result.setFormatter(logging.Formatter("%(message)s"))
+    result.addFilter(lambda record: record.levelno == logging.INFO)
+    logger.addHandler(result)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    trouble = logging.StreamHandler(sys.stderr)
+    trouble.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    trouble.setLevel(logging.WARNING)
+    logger.addHandler(trouble)
     try:
         config = load_config(argv, os.environ)
         if config.command is Command.STOP_PRIVATE:
@@ -723,9 +734,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             line = ensure_postgres(config, deadline=Deadline.after(COMMAND_BUDGET_S))
     except DevenvError as err:
-        print(f"devenv: {err}", file=sys.stderr)
+        logger.error("devenv: %s", err)
         return 1
-    print(line)
+    logger.info("%s", line)
     return 0
 
 
