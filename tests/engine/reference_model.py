@@ -23,6 +23,14 @@ checks on the engine alone that a restart fills them.
 A move is judged by the channel's view of the target position, as a new hold there
 would be, but not by allocations: the channel holds as many units of the sku as before.
 
+Inbound supply is a table of expected units per position with an ETA, and pre-orders a
+set of channels. A channel in that set sees a position's inbound units as if they were
+on hand; no other view does, neither the view without a channel nor the free units that
+ring fences count, and fulfilment still ships only what is on hand. A positive receipt
+takes its units off the position's inbound, never below zero; the entry stays, at zero,
+until it is set again or removed. The model sets the figure asked for, because every
+decision is durable before the next one.
+
 Where the contract leaves a choice open, the model states the engine's documented choice
 next to the rule, so that a disagreement points at one sentence.
 """
@@ -32,6 +40,7 @@ import itertools
 from collections.abc import Callable, Iterator
 
 from server.engine.commands import (
+    AdjustmentReason,
     AdjustStock,
     Command,
     Confirm,
@@ -51,8 +60,10 @@ from server.engine.commands import (
     ReserveResult,
     SetChannelAllocation,
     SetChannelBuffer,
+    SetChannelPreorders,
     SetChannelSourcing,
     SetControl,
+    SetInboundSupply,
     SetLocationGroup,
     SetOnHand,
     SetSafetyStock,
@@ -160,6 +171,13 @@ class PoliciesView:
     # control id -> control; those whose time box ended stay until `in_force` hides
     # them, lifted ones are gone.
     controls: dict[str, ControlView]
+    # (sku, location) -> units still expected, for every entry in force; receipts may
+    # bring it to zero without removing the entry.
+    inbound: dict[At, int]
+    # (sku, location) -> (eta_us, who set the entry last).
+    inbound_eta: dict[At, tuple[int, SetBy]]
+    # Channels that may hold against inbound supply.
+    preorder_channels: dict[str, SetBy]
 
     def in_force(self, now_us: int) -> "PoliciesView":
         """The policies as GetPolicies shows them: controls in force only."""
@@ -268,7 +286,7 @@ class ReferenceModel:
         self._ids = itertools.count(1)
         # Answered requests by key: the command with its key blanked, and the answer.
         self._answers: dict[tuple[str, str, str], tuple[Command, ModelResult]] = {}
-        self.policies = PoliciesView({}, {}, {}, {}, {}, {}, {})
+        self.policies = PoliciesView({}, {}, {}, {}, {}, {}, {}, {}, {}, {})
         # Throttle control id -> (millionths of a token in its bucket, when counted).
         self._tokens: dict[str, tuple[int, int]] = {}
 
@@ -340,15 +358,19 @@ class ReferenceModel:
 
     def channel_views(self, channel: str, *, now_us: int) -> dict[At, ChannelView]:
         """What `channel` ("" for none) may hold at each position; a suppressed channel
-        sees nothing, but still sees the safety stock and buffer in force."""
+        sees nothing, but still sees the safety stock and buffer in force. A channel
+        allowed pre-orders also counts the units inbound to the position."""
         held = self.held()
         raises = self.controls_in_force(ControlKind.RAISE_SAFETY, now_us)
         suppressions = self.controls_in_force(ControlKind.SUPPRESS, now_us)
+        takes_preorders = bool(channel) and channel in self.policies.preorder_channels
         views: dict[At, ChannelView] = {}
         for at, on_hand in self.on_hand.items():
             safety = self._safety_stock(at, raises)
             buffer = self.buffer(channel, at[0])
             left = on_hand - held.get(at, 0) - safety - buffer
+            if takes_preorders:
+                left += self.policies.inbound.get(at, 0)
             if _is_suppressed(channel, at[0], suppressions):
                 left = 0
             views[at] = ChannelView(safety, buffer, max(0, left))
@@ -515,6 +537,8 @@ class ReferenceModel:
                     return Refused(ErrorKind.FAILED_PRECONDITION, "ON_HAND_TOO_LARGE")
 
         self.on_hand.update(after)
+        if isinstance(command, AdjustStock):
+            self._receive(command)
         positions = self.positions()
         # The answer shows what may be sold at each position without a channel's view:
         # net of safety stock (raises included), with no buffer.
@@ -530,6 +554,19 @@ class ReferenceModel:
             for sku, location in after
         )
         return Answered(StockResult(snapshots), replayed=False)
+
+    def _receive(self, command: AdjustStock) -> None:
+        """Positive receipts at a position, summed over the message, take their units
+        off what is inbound there; other reasons and negative receipts leave it be."""
+        received: dict[At, int] = {}
+        for adjustment in command.adjustments:
+            if adjustment.reason is AdjustmentReason.RECEIPT and adjustment.delta > 0:
+                at = (adjustment.sku, adjustment.location)
+                received[at] = received.get(at, 0) + adjustment.delta
+        inbound = self.policies.inbound
+        for at, units in received.items():
+            if at in inbound:
+                inbound[at] -= min(units, inbound[at])
 
     # Reserve -----------------------------------------------------------------------------
 
@@ -723,6 +760,13 @@ class ReferenceModel:
         elif isinstance(command, SetChannelBuffer):
             for item in command.buffers:
                 _put(tables.buffers, (item.channel, item.sku), item.units, by)
+        elif isinstance(command, SetInboundSupply):
+            self._expect(command, by)
+        elif isinstance(command, SetChannelPreorders):
+            if command.allowed:
+                tables.preorder_channels[command.channel] = by
+            else:
+                tables.preorder_channels.pop(command.channel, None)
         elif isinstance(command, SetLocationGroup):
             in_use = {group for (group, _), _ in tables.sourcing.values()}
             if not command.locations and command.name in in_use:
@@ -755,6 +799,18 @@ class ReferenceModel:
             else:
                 self.policies.allocations.pop(pair, None)
                 self.policies.pools.pop(pair, None)
+
+    def _expect(self, command: SetInboundSupply, by: SetBy) -> None:
+        """Each supply sets the units expected at its position, whatever receipts
+        left of an earlier entry, with its ETA; zero units removes the entry."""
+        for supply in command.supplies:
+            at = (supply.sku, supply.location)
+            if supply.units:
+                self.policies.inbound[at] = supply.units
+                self.policies.inbound_eta[at] = (supply.eta_us, by)
+            else:
+                self.policies.inbound.pop(at, None)
+                self.policies.inbound_eta.pop(at, None)
 
     def _set_control(self, command: SetControl, by: SetBy) -> Outcome:
         """A control is in force from now until its until_us, which must lie ahead by

@@ -8,19 +8,25 @@ is answered. Every engine decision is marked durable at once, which is what lets
 model ignore withheld gains. After every step the test compares the answer (or the
 refusal's kind and reason), every position, what each channel may hold at every
 position, the policies in force with who set them (allocations with their pools,
-controls in force), what each channel's allocation has remaining and the most it could
-take of each sku, the reservations, and the engine's own invariants.
+controls in force, inbound supply with its ETAs, the channels allowed pre-orders), what
+each channel's allocation has remaining and the most it could take of each sku, the
+reservations, and the engine's own invariants.
+
+Inbound supply is set, replaced and removed at positions that are stocked and now and
+then at ones that are not; receipts are aimed at positions with supply often enough
+that they use some of it up, all of it, and more than was expected.
 
 The clock moves between steps as well as in sweeps, so that continuity controls start,
 bite and end mid-sequence, throttle buckets refill, and holds fall due before a sweep.
 
 The recovery test records what a ledger would have written (write-ahead records and
 request rows), rebuilds a second engine from a checkpoint taken part-way plus the later
-records, checks that it shows the same state (allocations, pools and controls included)
-and replays the same answers, and then keeps deciding on both engines to show they stay
-in step. Throttle buckets are the one thing not recovered: a recovered engine starts
-them full, which a third engine recovered for the purpose checks; the clock then moves
-a second on, after which the original's buckets are full as well.
+records, checks that it shows the same state (allocations, pools, controls, inbound
+supply and pre-order channels included) and replays the same answers, and then keeps
+deciding on both engines to show they stay in step. Throttle buckets are the one thing
+not recovered: a recovered engine starts them full, which a third engine recovered for
+the purpose checks; the clock then moves a second on, after which the original's
+buckets are full as well.
 
 Every test prints its seed. To replay a failure, run with STOCKWARD_SEED set to the
 seed printed in the failure message.
@@ -47,6 +53,7 @@ from server.engine.commands import (
     Confirm,
     Extend,
     Fulfill,
+    InboundSupply,
     LiftControl,
     LineQuantity,
     Move,
@@ -62,8 +69,10 @@ from server.engine.commands import (
     SafetyLevel,
     SetChannelAllocation,
     SetChannelBuffer,
+    SetChannelPreorders,
     SetChannelSourcing,
     SetControl,
+    SetInboundSupply,
     SetLocationGroup,
     SetOnHand,
     SetSafetyStock,
@@ -165,6 +174,19 @@ IN_FORCE_LIFT_SHARE = 0.7
 # often it targets a location that never stocked anything.
 MOVE_ASTRAY_SHARE = 0.1
 UNKNOWN_TARGET_SHARE = 0.05
+# Inbound supply: up to about what a position has on hand, so that pre-orders can take
+# as much again. Its ETAs lie up to a few weeks ahead; nothing in the engine reads them
+# yet beyond showing them.
+INBOUND_UNITS_MAX = 15
+INBOUND_ETA_MAX_S = 21 * 24 * 3600
+# How often a supply names a position that was never stocked: expected, not offered.
+UNSTOCKED_INBOUND_SHARE = 0.1
+# How often a pre-order change allows the channel rather than stopping it.
+PREORDERS_ALLOWED_SHARE = 0.65
+# How often an adjustment is a receipt aimed at a position with inbound supply, and how
+# large such a receipt may be: sometimes beyond what is expected.
+AIMED_RECEIPT_SHARE = 0.5
+RECEIPT_UNITS_MAX = 12
 # Far more holds than a sequence makes, so one sweep takes every due hold.
 EXPIRIES_PER_SWEEP_MAX = 10_000
 # Clock steps, seconds: many smaller than the shortest hold, some past the default TTL.
@@ -201,6 +223,8 @@ STEP_WEIGHTS = {
     "control": 4,
     "lift": 2,
     "retune": 2,
+    "inbound": 4,
+    "preorders": 2,
 }
 POLICY_STEPS = (
     "safety_stock",
@@ -210,6 +234,8 @@ POLICY_STEPS = (
     "allocation",
     "control",
     "lift",
+    "inbound",
+    "preorders",
 )
 # A burst is several reservation requests of one channel at one instant, as a flash
 # sale brings: enough to empty a throttle's bucket.
@@ -336,6 +362,12 @@ def engine_policies(engine: Engine, *, now_us: int) -> PoliciesView:
         for pair, units in policies.pools.items()
         if pair in allocations or units != 0
     }
+    # Likewise a removed supply's figure stays behind at zero.
+    inbound = {
+        at: units
+        for at, units in policies.inbound.items()
+        if at in policies.inbound_eta or units != 0
+    }
     return PoliciesView(
         safety_stock={
             at: (units, SetBy(a.actor, a.change_id, a.at_us))
@@ -358,6 +390,13 @@ def engine_policies(engine: Engine, *, now_us: int) -> PoliciesView:
         controls={
             control.control_id: control_view(control)
             for control in policies.active_controls(now_us)
+        },
+        inbound=inbound,
+        inbound_eta={
+            at: (eta_us, set_by(a)) for at, (eta_us, a) in policies.inbound_eta.items()
+        },
+        preorder_channels={
+            channel: set_by(a) for channel, a in policies.preorder_channels.items()
         },
     )
 
@@ -391,8 +430,12 @@ def check_invariants(engine: Engine, where: str) -> None:
         assert position.held >= 0, f"{where}: {position}"
         assert position.on_hand >= 0, f"{where}: {position}"
         assert position.withheld == 0, f"{where}: {position} after every write"
+        assert position.on_hand_pending == 0, f"{where}: {position} after every write"
         assert position.held == held_by_lines.pop(at, 0), f"{where}: {position}"
     assert not held_by_lines, f"{where}: lines hold unknown positions {held_by_lines}"
+    assert not any(engine.policies.inbound_pending.values()), where
+    for at, units in engine.policies.inbound.items():
+        assert units >= 0, f"{where}: inbound {at} is {units}"
 
 
 def json_round_trip(value: Any) -> Any:
@@ -556,13 +599,22 @@ class Comparison:
         return SetOnHand(self.rng.choice(SOURCES), self.key("count-"), counts)
 
     def adjust(self) -> AdjustStock:
+        """One to three adjustments, now and then twice at one position; receipts are
+        often aimed at positions with inbound supply. Supply at a position outside the
+        catalogue is never received, so the unknown sku and location stay unstocked."""
         adjustments: list[Adjustment] = []
+        expected = sorted(at for at in self.model.policies.inbound if at in POSITIONS)
         at = self.rng.choice(POSITIONS)
         for _ in range(self.rng.randint(1, 3)):
-            if self.rng.random() < 0.7:
-                at = self.rng.choice(POSITIONS)
-            delta = self.rng.choice((-1, 1)) * self.rng.randint(1, 10)
-            reason = self.rng.choice(list(AdjustmentReason))
+            if expected and self.rng.random() < AIMED_RECEIPT_SHARE:
+                at = self.rng.choice(expected)
+                delta = self.rng.randint(1, RECEIPT_UNITS_MAX)
+                reason = AdjustmentReason.RECEIPT
+            else:
+                if self.rng.random() < 0.7:
+                    at = self.rng.choice(POSITIONS)
+                delta = self.rng.choice((-1, 1)) * self.rng.randint(1, 10)
+                reason = self.rng.choice(list(AdjustmentReason))
             adjustments.append(Adjustment(at[0], at[1], delta, reason))
         return AdjustStock(
             self.rng.choice(SOURCES), self.key("event-"), tuple(adjustments)
@@ -617,7 +669,33 @@ class Comparison:
             return self.control(actor, change_id)
         if name == "lift":
             return LiftControl(actor, change_id, self.control_to_lift())
+        if name == "inbound":
+            return self.inbound(actor, change_id)
+        if name == "preorders":
+            allowed = self.rng.random() < PREORDERS_ALLOWED_SHARE
+            return SetChannelPreorders(
+                actor, change_id, self.rng.choice(CHANNELS), allowed
+            )
         return self.setting_change(name, actor, change_id)
+
+    def inbound(self, actor: str, change_id: str) -> SetInboundSupply:
+        """Supplies at one to three distinct positions: new ones, replacements of
+        entries receipts have used up in part, and removals, some of entries that do
+        not exist. A removal carries no ETA now and then, as it needs none."""
+        rng = self.rng
+        places = list(POSITIONS)
+        if rng.random() < UNSTOCKED_INBOUND_SHARE:
+            places += [(UNKNOWN_SKU, LOCATIONS[0]), (SKUS[0], UNKNOWN_LOCATION)]
+        supplies: list[InboundSupply] = []
+        for sku, location in rng.sample(places, k=rng.randint(1, 3)):
+            units = 0
+            if rng.random() >= REMOVAL_SHARE:
+                units = rng.randint(1, INBOUND_UNITS_MAX)
+            eta_us = self.clock.now_us() + rng.randint(1, INBOUND_ETA_MAX_S) * US_PER_S
+            if not units and rng.random() < 0.5:
+                eta_us = 0
+            supplies.append(InboundSupply(sku, location, units, eta_us))
+        return SetInboundSupply(actor, change_id, tuple(supplies))
 
     def setting_change(self, name: str, actor: str, change_id: str) -> PolicyCommand:
         rng = self.rng
@@ -1038,6 +1116,14 @@ def compare_recovered(comparison: Comparison, recovered: Engine) -> None:
     ), where
     # Controls whose time box ended are kept until pruned, and recovered as they were.
     assert recovered.policies.controls == original.policies.controls, where
+    # Inbound figures are sums of deltas: shards replayed in any order must agree.
+    assert _nonzero(recovered.policies.inbound) == _nonzero(
+        original.policies.inbound
+    ), where
+    assert recovered.policies.inbound_eta == original.policies.inbound_eta, where
+    assert (
+        recovered.policies.preorder_channels == original.policies.preorder_channels
+    ), where
     assert engine_allocations(recovered) == engine_allocations(original), where
     for channel in VIEWS:
         got = engine_channel_views(recovered, channel)
@@ -1052,6 +1138,10 @@ def compare_recovered(comparison: Comparison, recovered: Engine) -> None:
         assert isinstance(first, Replay), f"{where}: {command!r}"
         assert isinstance(again, Replay), f"{where}: {command!r} not replayed"
         assert again.result == first.result, f"{where}: {command!r}"
+
+
+def _nonzero(figures: dict[At, int]) -> dict[At, int]:
+    return {at: units for at, units in figures.items() if units}
 
 
 def check_buckets_start_full(comparison: Comparison, checkpoint: Checkpoint) -> None:
