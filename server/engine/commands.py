@@ -421,12 +421,7 @@ def check_id(value: str, *, field: str, length_max: int, required: bool = True) 
         if required:
             raise InvalidArgument("FIELD_REQUIRED", f"{field} is required", field=field)
         return
-    if len(value) > length_max:
-        raise InvalidArgument(
-            "FIELD_TOO_LONG",
-            f"{field} is {len(value)} characters; at most {length_max} are allowed",
-            field=field,
-        )
+    _check_length(value, field=field, length_max=length_max)
     # str methods run in C: printable ASCII without spaces, without a Python loop.
     if not (value.isascii() and value.isprintable()) or " " in value:
         raise InvalidArgument(
@@ -440,16 +435,20 @@ def check_text(value: str, *, field: str, length_max: int) -> None:
     """Free text for people (a reason): required, bounded, no control characters."""
     if not value.strip():
         raise InvalidArgument("FIELD_REQUIRED", f"{field} is required", field=field)
-    if len(value) > length_max:
-        raise InvalidArgument(
-            "FIELD_TOO_LONG",
-            f"{field} is {len(value)} characters; at most {length_max} are allowed",
-            field=field,
-        )
+    _check_length(value, field=field, length_max=length_max)
     if not value.isprintable():
         raise InvalidArgument(
             "FIELD_MALFORMED",
             f"{field} must not contain control characters",
+            field=field,
+        )
+
+
+def _check_length(value: str, *, field: str, length_max: int) -> None:
+    if len(value) > length_max:
+        raise InvalidArgument(
+            "FIELD_TOO_LONG",
+            f"{field} is {len(value)} characters; at most {length_max} are allowed",
             field=field,
         )
 
@@ -463,8 +462,11 @@ def check_quantity(value: int, *, field: str, quantity_max: int) -> None:
         )
 
 
-def check_count(count: int, *, field: str, count_max: int) -> None:
-    if count == 0:
+def check_count(
+    count: int, *, field: str, count_max: int, required: bool = True
+) -> None:
+    """A list's length: at most count_max, and not empty unless optional."""
+    if count == 0 and required:
         raise InvalidArgument(
             "FIELD_REQUIRED", f"{field} must not be empty", field=field
         )
@@ -524,13 +526,12 @@ def validate_reserve_line(line: ReserveLine, *, field: str, limits: Limits) -> N
             f"{field}.allow_split needs a locations preference list",
             field=f"{field}.allow_split",
         )
-    if len(line.locations) > limits.locations_per_line_max:
-        raise InvalidArgument(
-            "TOO_MANY_ITEMS",
-            f"{field}.locations has {len(line.locations)} items; "
-            f"at most {limits.locations_per_line_max} are allowed",
-            field=f"{field}.locations",
-        )
+    check_count(
+        len(line.locations),
+        field=f"{field}.locations",
+        count_max=limits.locations_per_line_max,
+        required=False,
+    )
     for index, location in enumerate(line.candidates):
         path = f"{field}.location" if line.location else f"{field}.locations[{index}]"
         check_id(location, field=path, length_max=limits.location_length_max)
@@ -571,12 +572,12 @@ def validate_reservation_command(command: ReservationCommand, limits: Limits) ->
             command.quantity, field="quantity", quantity_max=limits.quantity_max
         )
     if isinstance(command, Release | Fulfill):
-        if len(command.lines) > limits.lines_per_reservation_max:
-            check_count(
-                len(command.lines),
-                field="lines",
-                count_max=limits.lines_per_reservation_max,
-            )
+        check_count(
+            len(command.lines),
+            field="lines",
+            count_max=limits.lines_per_reservation_max,
+            required=False,
+        )
         for index, line in enumerate(command.lines):
             field = f"lines[{index}]"
             check_id(line.sku, field=f"{field}.sku", length_max=limits.sku_length_max)
@@ -770,12 +771,12 @@ def _validate_buffers(command: SetChannelBuffer, limits: Limits) -> None:
 
 def _validate_group(command: SetLocationGroup, limits: Limits) -> None:
     check_id(command.name, field="group.name", length_max=limits.location_length_max)
-    if len(command.locations) > limits.locations_per_line_max:
-        check_count(
-            len(command.locations),
-            field="group.locations",
-            count_max=limits.locations_per_line_max,
-        )
+    check_count(
+        len(command.locations),
+        field="group.locations",
+        count_max=limits.locations_per_line_max,
+        required=False,
+    )
     for index, location in enumerate(command.locations):
         check_id(
             location,

@@ -125,12 +125,12 @@ class Engine(Reserving, Changing, Ruling, Restoring):
         )
         for index, sku in enumerate(skus):
             check_id(sku, field=f"skus[{index}]", length_max=self.limits.sku_length_max)
-        if len(locations) > self.limits.locations_per_line_max:
-            check_count(
-                len(locations),
-                field="locations",
-                count_max=self.limits.locations_per_line_max,
-            )
+        check_count(
+            len(locations),
+            field="locations",
+            count_max=self.limits.locations_per_line_max,
+            required=False,
+        )
         for index, location in enumerate(locations):
             check_id(
                 location,

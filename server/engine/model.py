@@ -66,6 +66,8 @@ class Position:
 
     @property
     def available_to_sell(self) -> int:
+        """Before policies (safety stock, buffers, controls): Policies.available says
+        what a channel may be promised."""
         return max(0, self.on_hand - self.held - self.withheld)
 
     def check(self) -> None:
