@@ -67,6 +67,7 @@ class App:
         self._pool: asyncpg.Pool | None = None
         self._ledger: Ledger | None = None
         self._probe_task: asyncio.Task[None] | None = None
+        self._health_tasks: set[asyncio.Task[None]] = set()
         self._database_ok = False
         self.port = 0
 
@@ -170,7 +171,10 @@ class App:
         )
 
     def _publish_health(self) -> None:
-        asyncio.get_running_loop().create_task(self._publish_health_async())
+        # The event loop keeps only weak references to tasks: hold this one until done.
+        task = asyncio.get_running_loop().create_task(self._publish_health_async())
+        self._health_tasks.add(task)
+        task.add_done_callback(self._health_tasks.discard)
 
     async def _publish_health_async(self) -> None:
         status = (

@@ -1,21 +1,42 @@
 """Logging set-up, and the request context that the gRPC edge puts on every log line.
 
-The edge sets `request_context` once per RPC; the filter appends it to each record made
-while that RPC runs, so deeper code never threads ids through its arguments.
+The edge sets `request_context` to (rpc name, request) once per RPC; the filter turns
+it into `rpc=Reserve channel=web request_id=...` only for records that are emitted, so
+the many RPCs that log nothing pay for no formatting.
 """
 
 import contextvars
 import logging
 
-request_context: contextvars.ContextVar[str] = contextvars.ContextVar(
-    "request_context", default=""
+request_context: contextvars.ContextVar[tuple[str, object] | None] = (
+    contextvars.ContextVar("request_context", default=None)
 )
+
+# The ids a request may carry, in the order they are shown.
+_ID_FIELDS = (
+    "channel",
+    "request_id",
+    "reservation_id",
+    "source",
+    "source_event_id",
+    "actor",
+    "change_id",
+)
+
+
+def describe(rpc: str, request: object) -> str:
+    parts = [f"rpc={rpc}"]
+    for name in _ID_FIELDS:
+        value = getattr(request, name, "")
+        if value:
+            parts.append(f"{name}={value}")
+    return " ".join(parts)
 
 
 class RequestContextFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         context = request_context.get()
-        record.context = f" [{context}]" if context else ""
+        record.context = f" [{describe(*context)}]" if context else ""
         return True
 
 

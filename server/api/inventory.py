@@ -34,7 +34,7 @@ def guarded(handler: Handler[Request, Response]) -> Handler[Request, Response]:
 
     @functools.wraps(handler)
     async def wrapper(self: Any, request: Request, context: Context) -> Response:
-        request_context.set(_describe(handler.__name__, request))
+        request_context.set((handler.__name__, request))
         try:
             return await handler(self, request, context)
         except EngineError as error:
@@ -56,22 +56,6 @@ def _add(total: inventory_pb2.Availability, part: inventory_pb2.Availability) ->
     total.safety_stock += part.safety_stock
     total.buffer += part.buffer
     total.inbound += part.inbound
-
-
-def _describe(rpc: str, request: object) -> str:
-    """`rpc=Reserve channel=web request_id=...` from whatever ids the request has."""
-    parts = [f"rpc={rpc}"]
-    for name in (
-        "channel",
-        "request_id",
-        "reservation_id",
-        "source",
-        "source_event_id",
-    ):
-        value = getattr(request, name, "")
-        if value:
-            parts.append(f"{name}={value}")
-    return " ".join(parts)
 
 
 class InventoryService(inventory_pb2_grpc.InventoryServiceServicer):
