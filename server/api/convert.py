@@ -218,9 +218,24 @@ def set_channel_allocation(
         change_id=request.change_id,
         allocations=tuple(
             cmd.AllocationLevel(
-                sku=x.sku, channel=x.channel, units=x.quantity, exclusive=x.exclusive
+                sku=x.sku,
+                channel=x.channel,
+                units=x.quantity,
+                exclusive=x.exclusive,
+                group=x.location_group,
             )
             for x in request.allocations
+        ),
+    )
+
+
+def set_channels(request: admin_pb2.SetChannelsRequest) -> cmd.SetChannels:
+    return cmd.SetChannels(
+        actor=request.actor,
+        change_id=request.change_id,
+        channels=tuple(
+            cmd.ChannelEntry(channel=x.channel, registered=x.registered)
+            for x in request.channels
         ),
     )
 
@@ -303,9 +318,10 @@ def control(value: Control) -> admin_pb2.ContinuityControl:
 
 
 def policies(
-    value: Policies, remaining: Callable[[str, str], int], now_us: int
+    value: Policies, remaining: Callable[[str, str, str], int], now_us: int
 ) -> admin_pb2.GetPoliciesResponse:
-    """Every policy in force; `remaining(sku, channel)` says what a pool has left."""
+    """Every policy in force; `remaining(sku, channel, group)` says what a pool has
+    left."""
     return admin_pb2.GetPoliciesResponse(
         controls=[control(c) for c in value.active_controls(now_us)],
         inbound=[
@@ -322,19 +338,26 @@ def policies(
             admin_pb2.PreorderChannel(channel=channel, attribution=attribution(a))
             for channel, a in sorted(value.preorder_channels.items())
         ],
+        channels=[
+            admin_pb2.ChannelEntry(
+                channel=channel, registered=True, attribution=attribution(a)
+            )
+            for channel, a in sorted(value.channels.items())
+        ],
         allocations=[
             admin_pb2.ChannelAllocation(
                 sku=sku,
                 channel=channel,
                 # A pool lowered below what was already held can be over-consumed;
                 # the sum of deltas may then dip below zero, shown as none left.
-                quantity=max(0, value.pools.get((sku, channel), 0)),
+                quantity=max(0, value.pools.get((sku, channel, group), 0)),
                 exclusive=exclusive,
-                remaining=remaining(sku, channel),
+                remaining=remaining(sku, channel, group),
                 attribution=attribution(a),
+                location_group=group,
             )
-            for sku, by_channel in sorted(value.allocations.items())
-            for channel, (exclusive, a) in sorted(by_channel.items())
+            for sku, by_scope in sorted(value.allocations.items())
+            for (channel, group), (exclusive, a) in sorted(by_scope.items())
         ],
         safety_stock=[
             admin_pb2.SafetyStock(

@@ -190,16 +190,17 @@ class InventoryService(inventory_pb2_grpc.InventoryServiceServicer):
                     )
                 )
                 _add(total, view)
-            cap, has_allocation = engine.channel_cap(sku, request.channel)
-            total.available_to_sell = min(total.available_to_sell, cap)
+            reach = engine.channel_reach(sku, request.channel, set(request.locations))
+            total.available_to_sell = min(total.available_to_sell, reach)
+            allocation_left = engine.allocation_left(sku, request.channel)
             items.append(
                 inventory_pb2.SkuAvailability(
                     sku=sku,
                     known=bool(engine.positions_of(sku)),
                     total=total,
                     locations=locations,
-                    has_allocation=has_allocation,
-                    allocation_remaining=cap if has_allocation else 0,
+                    has_allocation=allocation_left is not None,
+                    allocation_remaining=allocation_left or 0,
                     suppressed=engine.policies.is_suppressed(
                         request.channel, sku, self._clock.now_us()
                     ),
@@ -382,6 +383,13 @@ class StockAdminService(admin_pb2_grpc.StockAdminServiceServicer):
     ) -> admin_pb2.SetInboundSupplyResponse:
         replayed = await self._policy(convert.set_inbound_supply(request))
         return admin_pb2.SetInboundSupplyResponse(replayed=replayed)
+
+    @guarded
+    async def SetChannels(
+        self, request: admin_pb2.SetChannelsRequest, context: Context
+    ) -> admin_pb2.SetChannelsResponse:
+        replayed = await self._policy(convert.set_channels(request))
+        return admin_pb2.SetChannelsResponse(replayed=replayed)
 
     @guarded
     async def SetChannelPreorders(

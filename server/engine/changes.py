@@ -101,13 +101,7 @@ class Changing(EngineState):
         )
         available = 0
         if target is not None:
-            # The units taken at the target are new ones: another channel's ring
-            # fence applies to them as to any hold (the source's units come free only
-            # once durable).
-            available = min(
-                self.policies.available(target, reservation.channel, now_us),
-                max(0, self.unfenced_units(command.sku, reservation.channel)),
-            )
+            available = self._move_room(command, target, reservation.channel, now_us)
         if target is None or available < command.quantity:
             raise FailedPrecondition(
                 "INSUFFICIENT_STOCK_AT_TARGET",
@@ -124,6 +118,7 @@ class Changing(EngineState):
         target.held += command.quantity
         origin.check()
         target.check()
+        channel_gains = self._move_channel_held(command, reservation.channel)
         self._add_to_line(
             reservation, command.sku, command.to_location, command.quantity
         )
@@ -138,7 +133,43 @@ class Changing(EngineState):
         record = self._record(reservation, "move", fx, now_us)
         result = ReservationResult(reservation.copy())
         gains = [(origin, command.quantity)]
-        return self._decision(key, command, result, record=record, gains=gains)
+        decision = self._decision(key, command, result, record=record, gains=gains)
+        decision.channel_gains = channel_gains
+        return decision
+
+    def _move_room(
+        self, command: Move, target: Position, channel: str, now_us: int
+    ) -> int:
+        """What the target can take for the move. Its units are new holds there:
+        the channel's allocation covering the target and other channels' ring fences
+        apply as to any hold, except that a move within one allocation's scope leaves
+        the pool's use unchanged. The source's units come free only once durable."""
+        sku, policies = command.sku, self.policies
+        room = policies.available(target, channel, now_us)
+        fence = policies.fence_at(sku, channel, command.to_location)
+        room = min(room, max(0, self.unfenced_units(sku, channel, fence)))
+        own = policies.allocation_at(sku, channel, command.to_location)
+        if own is not None and own != policies.allocation_at(
+            sku, channel, command.from_location
+        ):
+            room = min(room, self.allocation_remaining(sku, channel, own))
+        return room
+
+    def _move_channel_held(
+        self, command: Move, channel: str
+    ) -> list[tuple[tuple[str, str, str], int]]:
+        """Shift the channel's held units; a pool left behind gets them back once
+        the move is durable, like a release."""
+        sku, quantity = command.sku, command.quantity
+        self.add_channel_held(channel, sku, command.from_location, -quantity)
+        self.add_channel_held(channel, sku, command.to_location, quantity)
+        own_from = self.policies.allocation_at(sku, channel, command.from_location)
+        own_to = self.policies.allocation_at(sku, channel, command.to_location)
+        channel_gains: list[tuple[tuple[str, str, str], int]] = []
+        if own_from is not None and own_from != own_to:
+            key = (channel, sku, command.from_location)
+            self._withhold_for_channel(key, quantity, channel_gains)
+        return channel_gains
 
     @staticmethod
     def _add_to_line(
@@ -221,24 +252,23 @@ class Changing(EngineState):
 
         fx: list[list[Any]] = []
         gains: list[tuple[Position, int]] = []
-        channel_gains: list[tuple[tuple[str, str], int]] = []
+        channel_gains: list[tuple[tuple[str, str, str], int]] = []
         pool_fx: list[list[Any]] = []
         on_hand_pending: list[tuple[Position, int]] = []
         for line, quantity in amounts:
             position = self._position(line.sku, line.location)
             line.quantity_held -= quantity
             position.held -= quantity
-            channel_key = (reservation.channel, line.sku)
-            self.channel_held[channel_key] -= quantity
+            channel = reservation.channel
+            self.add_channel_held(channel, line.sku, line.location, -quantity)
+            channel_key = (channel, line.sku, line.location)
             if is_fulfil:
                 line.quantity_fulfilled += quantity
                 position.on_hand -= quantity
                 position.on_hand_pending -= quantity
                 on_hand_pending.append((position, -quantity))
                 fx.append([line.sku, line.location, -quantity, -quantity])
-                pool_fx.extend(
-                    self._consume_pool(line.sku, reservation.channel, quantity)
-                )
+                pool_fx.extend(self._consume_pool(line, channel, quantity))
             else:
                 line.quantity_released += quantity
                 position.withheld += quantity
@@ -257,23 +287,28 @@ class Changing(EngineState):
         decision = self._decision(key, command, result, record=record, gains=gains)
         decision.channel_gains = channel_gains
         decision.on_hand_pending = on_hand_pending
-        decision.pool_pending = [((sku, ch), delta) for sku, ch, delta in pool_fx]
+        decision.pool_pending = [((sku, ch, g), delta) for sku, ch, g, delta in pool_fx]
         return decision
 
-    def _consume_pool(self, sku: str, channel: str, quantity: int) -> list[list[Any]]:
-        """Fulfilment uses up allocated units for good; recorded as a pool delta."""
-        if self.policies.allocation_of(sku, channel) is None:
+    def _consume_pool(
+        self, line: ReservationLine, channel: str, quantity: int
+    ) -> list[list[Any]]:
+        """Fulfilment uses up allocated units for good, from the pool whose scope
+        covers the line's location; recorded as a pool delta."""
+        group = self.policies.allocation_at(line.sku, channel, line.location)
+        if group is None:
             return []
-        self.policies.add_to_pool(sku, channel, -quantity)
+        key = (line.sku, channel, group)
+        self.policies.add_to_pool(key, -quantity)
         pending = self.policies.pool_pending
-        pending[(sku, channel)] = pending.get((sku, channel), 0) - quantity
-        return [[sku, channel, -quantity]]
+        pending[key] = pending.get(key, 0) - quantity
+        return [[line.sku, channel, group, -quantity]]
 
     def _withhold_for_channel(
         self,
-        key: tuple[str, str],
+        key: tuple[str, str, str],
         quantity: int,
-        channel_gains: list[tuple[tuple[str, str], int]],
+        channel_gains: list[tuple[tuple[str, str, str], int]],
     ) -> None:
         """Units given back to a channel's allocation count once durable."""
         self.channel_withheld[key] = self.channel_withheld.get(key, 0) + quantity
@@ -336,7 +371,7 @@ class Changing(EngineState):
     def _expire(self, reservation: Reservation, now_us: int) -> Decision:
         fx: list[list[Any]] = []
         gains: list[tuple[Position, int]] = []
-        channel_gains: list[tuple[tuple[str, str], int]] = []
+        channel_gains: list[tuple[tuple[str, str, str], int]] = []
         for line in reservation.lines:
             quantity = line.quantity_held
             if quantity == 0:
@@ -348,8 +383,9 @@ class Changing(EngineState):
             position.withheld += quantity
             position.check()
             gains.append((position, quantity))
-            channel_key = (reservation.channel, line.sku)
-            self.channel_held[channel_key] -= quantity
+            channel = reservation.channel
+            self.add_channel_held(channel, line.sku, line.location, -quantity)
+            channel_key = (channel, line.sku, line.location)
             self._withhold_for_channel(channel_key, quantity, channel_gains)
             fx.append([line.sku, line.location, 0, -quantity])
         reservation.move_to(ReservationState.EXPIRED, now_us=now_us)

@@ -185,6 +185,8 @@ class AllocationLevel:
     units: int
     # Ring-fenced: other channels cannot take the pool's remaining units.
     exclusive: bool
+    # The scope: a location group, or "" for every location.
+    group: str = ""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -246,6 +248,23 @@ class SetChannelPreorders:
     allowed: bool
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class ChannelEntry:
+    channel: str
+    # False takes the channel out of the registry.
+    registered: bool
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SetChannels:
+    """Changes to the channel registry. While it is empty every channel name is
+    accepted; once it names any, only those may reserve or be named by policies."""
+
+    actor: str
+    change_id: str
+    channels: tuple[ChannelEntry, ...]
+
+
 ReservationCommand = Confirm | Release | Fulfill | Extend | Move
 StockCommand = AdjustStock | SetOnHand
 PolicyCommand = (
@@ -258,6 +277,7 @@ PolicyCommand = (
     | LiftControl
     | SetInboundSupply
     | SetChannelPreorders
+    | SetChannels
 )
 Command = Reserve | ReservationCommand | StockCommand | PolicyCommand
 
@@ -680,6 +700,8 @@ def validate_policy_command(command: PolicyCommand, limits: Limits) -> None:
         _validate_inbound(command, limits)
     elif isinstance(command, SetChannelPreorders):
         check_id(command.channel, field="channel", length_max=limits.channel_length_max)
+    elif isinstance(command, SetChannels):
+        _validate_channels(command, limits)
     elif isinstance(command, LiftControl):
         check_id(
             command.control_id,
@@ -791,13 +813,32 @@ def _validate_group(command: SetLocationGroup, limits: Limits) -> None:
         )
 
 
+def _validate_channels(command: SetChannels, limits: Limits) -> None:
+    check_count(
+        len(command.channels),
+        field="channels",
+        count_max=limits.adjustments_per_request_max,
+    )
+    seen: set[str] = set()
+    for index, entry in enumerate(command.channels):
+        field = f"channels[{index}].channel"
+        check_id(entry.channel, field=field, length_max=limits.channel_length_max)
+        if entry.channel in seen:
+            raise InvalidArgument(
+                "DUPLICATE_CHANNEL",
+                f"{field} names {entry.channel} twice in one request",
+                field=field,
+            )
+        seen.add(entry.channel)
+
+
 def _validate_allocations(command: SetChannelAllocation, limits: Limits) -> None:
     check_count(
         len(command.allocations),
         field="allocations",
         count_max=limits.adjustments_per_request_max,
     )
-    seen: set[tuple[str, str]] = set()
+    seen: set[tuple[str, str, str]] = set()
     for index, level in enumerate(command.allocations):
         field = f"allocations[{index}]"
         check_id(level.sku, field=f"{field}.sku", length_max=limits.sku_length_max)
@@ -806,14 +847,20 @@ def _validate_allocations(command: SetChannelAllocation, limits: Limits) -> None
             field=f"{field}.channel",
             length_max=limits.channel_length_max,
         )
+        if level.group:
+            check_id(
+                level.group,
+                field=f"{field}.location_group",
+                length_max=limits.location_length_max,
+            )
         _check_units(level.units, field=f"{field}.quantity", limits=limits)
-        if (level.sku, level.channel) in seen:
+        if (level.sku, level.channel, level.group) in seen:
             raise InvalidArgument(
                 "DUPLICATE_ALLOCATION",
                 f"{field} sets {level.channel}'s allocation of {level.sku} twice",
                 field=field,
             )
-        seen.add((level.sku, level.channel))
+        seen.add((level.sku, level.channel, level.group))
 
 
 def _validate_control(command: SetControl, limits: Limits) -> None:

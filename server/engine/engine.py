@@ -71,6 +71,7 @@ class Engine(Reserving, Changing, Ruling, Restoring):
             replay = self._replay(key, command)
             if replay is not None:
                 return replay
+            self._check_channel(command.channel, field="channel")
             self._check_throttle(command.channel)
             return self._reserve(command, key)
         if isinstance(command, StockCommand):

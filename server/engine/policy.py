@@ -14,13 +14,22 @@ Safety stock protects units for stores and mistakes in counts; it applies to eve
 channel. The buffer is held back from one channel at every position it draws from, for
 channels whose listings lag behind stockward.
 
-Channel allocations. An allocation gives a channel a pool of units of one sku, across
-all locations. The channel's holds draw on it, releases and expiries give back (once
-durable), fulfilment consumes it for good. A ceiling allocation only limits the
-channel; an exclusive one also ring-fences its remaining units: every other channel
-must leave at least that many units of the sku free. The pool is kept as a sum of
-deltas (setting an allocation records the change from the pool it found), so records
-of different shards replay in any order to the same pool.
+Channel allocations. An allocation gives a channel a pool of units of one sku, at the
+locations of one location group or at every location (group ""): its scope. The
+channel's holds in the scope draw on it, releases and expiries give back (once
+durable), fulfilment consumes it for good; holds outside the scope do not touch it. A
+ceiling allocation only limits the channel; an exclusive one also ring-fences its
+remaining units: every other channel must leave at least that many units of the sku
+free within the scope. The pool is kept as a sum of deltas (setting an allocation
+records the change from the pool it found), so records of different shards replay in
+any order to the same pool.
+
+The scopes of one sku's allocations are identical or disjoint, never partly
+overlapping, and a group that scopes an allocation cannot change its set of
+locations. That keeps every check local: at a location, a channel has at most one
+allocation of its own, and the ring fences it must respect all share one scope, so
+"free units in that scope, less the fences" is exact. Partly overlapping fences would
+need a flow computation to decide, for little gain.
 
 Continuity controls are time-boxed: each is in force from when it was set until its
 `until_us`, by the clock, so it ends on its own without a record. Suppressing a channel
@@ -37,8 +46,13 @@ step. A receipt booked with AdjustStock (reason RECEIPT) takes its units off the
 inbound it fulfils. Like pools, inbound units are kept as a sum of deltas so that
 records of different shards replay in any order to the same figure.
 
-Known shortcomings: allocations span every location of a sku (allocations per location
-group are not built yet); controls are scanned linearly on each availability check,
+The channel registry. While it is empty every channel name is accepted, so a new
+installation works before anyone registers its channels. Once it names any channel,
+reserves from other channels and policies naming them are refused (a mistyped name
+would otherwise escape the channel's allocation, buffer and suppression), and a
+channel stays registered while a policy in force names it.
+
+Known shortcoming: controls are scanned linearly on each availability check,
 fine for the handful an incident brings, not for thousands.
 """
 
@@ -162,13 +176,14 @@ class Policies:
     sourcing: dict[str, tuple[Sourcing, Attribution]] = dataclasses.field(
         default_factory=dict
     )
-    # sku -> channel -> (exclusive, attribution) for allocations in force.
-    allocations: dict[str, dict[str, tuple[bool, Attribution]]] = dataclasses.field(
-        default_factory=dict
+    # sku -> (channel, group) -> (exclusive, attribution) for allocations in force;
+    # group "" spans every location.
+    allocations: dict[str, dict[tuple[str, str], tuple[bool, Attribution]]] = (
+        dataclasses.field(default_factory=dict)
     )
-    # (sku, channel) -> units in the pool not yet fulfilled, held or free. Kept for
-    # removed allocations too (at zero) so that deltas always have a place to land.
-    pools: dict[tuple[str, str], int] = dataclasses.field(default_factory=dict)
+    # (sku, channel, group) -> units in the pool not yet fulfilled, held or free. Kept
+    # for removed allocations too (at zero) so that deltas always have a place to land.
+    pools: dict[tuple[str, str, str], int] = dataclasses.field(default_factory=dict)
     controls: dict[str, Control] = dataclasses.field(default_factory=dict)
     # (sku, location) -> units expected (a sum of deltas), and -> (eta_us,
     # attribution) while an entry is in force.
@@ -182,9 +197,13 @@ class Policies:
     )
     # Channels that may hold against inbound supply.
     preorder_channels: dict[str, Attribution] = dataclasses.field(default_factory=dict)
+    # The channel registry; empty accepts every channel name.
+    channels: dict[str, Attribution] = dataclasses.field(default_factory=dict)
     # Pool changes decided but not yet durable (fulfilments), kept out of the delta a
     # new allocation records. Not part of checkpoints: zero whenever one is taken.
-    pool_pending: dict[tuple[str, str], int] = dataclasses.field(default_factory=dict)
+    pool_pending: dict[tuple[str, str, str], int] = dataclasses.field(
+        default_factory=dict
+    )
 
     # Reading ----------------------------------------------------------------------------
 
@@ -251,6 +270,18 @@ class Policies:
     def add_inbound(self, sku: str, location: str, delta: int) -> None:
         self.inbound[(sku, location)] = self.inbound.get((sku, location), 0) + delta
 
+    def is_known(self, channel: str) -> bool:
+        return not self.channels or channel in self.channels
+
+    def channels_named(self, now_us: int) -> set[str]:
+        """Channels that policies in force name: they must stay registered."""
+        named = {channel for channel, _ in self.buffers}
+        named.update(self.sourcing, self.preorder_channels)
+        for by_scope in self.allocations.values():
+            named.update(channel for channel, _ in by_scope)
+        named.update(c.channel for c in self.active_controls(now_us) if c.channel)
+        return named
+
     def sourcing_of(self, channel: str) -> tuple[Sourcing, tuple[str, ...]] | None:
         entry = self.sourcing.get(channel)
         if entry is None:
@@ -272,20 +303,9 @@ class Policies:
                 _set(self.buffers, (channel, sku), units, attribution)
         elif kind == "group":
             locations = tuple(change["locations"])
-            if locations:
-                self.groups[change["name"]] = (locations, attribution)
-            else:
-                self.groups.pop(change["name"], None)
+            _put(self.groups, change["name"], (locations, attribution), bool(locations))
         elif kind == "allocation":
-            for sku, channel, units, exclusive, pool_delta in change["allocations"]:
-                self.add_to_pool(sku, channel, pool_delta)
-                by_channel = self.allocations.setdefault(sku, {})
-                if units:
-                    by_channel[channel] = (exclusive, attribution)
-                else:
-                    by_channel.pop(channel, None)
-                if not by_channel:
-                    del self.allocations[sku]
+            self._apply_allocations(change["allocations"], attribution)
         elif kind == "control":
             control = Control.from_json([*change["control"], *_attr(attribution)])
             self.controls[control.control_id] = control
@@ -298,33 +318,70 @@ class Policies:
         elif kind == "inbound":
             for sku, location, units, eta_us, delta in change["supplies"]:
                 self.add_inbound(sku, location, delta)
-                if units:
-                    self.inbound_eta[(sku, location)] = (eta_us, attribution)
-                else:
-                    self.inbound_eta.pop((sku, location), None)
+                _put(self.inbound_eta, (sku, location), (eta_us, attribution), units)
         elif kind == "preorders":
-            if change["allowed"]:
-                self.preorder_channels[change["channel"]] = attribution
-            else:
-                self.preorder_channels.pop(change["channel"], None)
+            channel = change["channel"]
+            _put(self.preorder_channels, channel, attribution, change["allowed"])
+        elif kind == "channels":
+            for channel, registered in change["channels"]:
+                _put(self.channels, channel, attribution, registered)
         elif kind == "sourcing":
-            if change["group"]:
-                sourcing = Sourcing(change["group"], change["allow_split"])
-                self.sourcing[change["channel"]] = (sourcing, attribution)
-            else:
-                self.sourcing.pop(change["channel"], None)
+            sourcing = Sourcing(change["group"], change["allow_split"])
+            entry = (sourcing, attribution)
+            _put(self.sourcing, change["channel"], entry, bool(change["group"]))
         else:
             raise ValueError(f"unknown policy change {kind!r}")
 
-    def allocation_of(self, sku: str, channel: str) -> tuple[bool, Attribution] | None:
-        by_channel = self.allocations.get(sku)
-        return by_channel.get(channel) if by_channel else None
+    def _apply_allocations(
+        self, levels: list[list[Any]], attribution: Attribution
+    ) -> None:
+        for sku, channel, group, units, exclusive, delta in levels:
+            self.add_to_pool((sku, channel, group), delta)
+            by_scope = self.allocations.setdefault(sku, {})
+            _put(by_scope, (channel, group), (exclusive, attribution), units)
+            if not by_scope:
+                del self.allocations[sku]
 
-    def add_to_pool(self, sku: str, channel: str, delta: int) -> None:
-        self.pools[(sku, channel)] = self.pools.get((sku, channel), 0) + delta
+    def in_scope(self, group: str, location: str) -> bool:
+        """Whether an allocation scoped to `group` covers `location`."""
+        return not group or location in self.groups[group][0]
+
+    def allocation_at(self, sku: str, channel: str, location: str) -> str | None:
+        """The group of the channel's allocation of `sku` that covers `location`, if
+        any (at most one does: a channel's scopes of one sku are disjoint)."""
+        for other, group in self.allocations.get(sku, ()):
+            if other == channel and self.in_scope(group, location):
+                return group
+        return None
+
+    def fence_at(self, sku: str, channel: str, location: str) -> str | None:
+        """The scope of the other channels' exclusive allocations of `sku` that cover
+        `location`, if any (those that do all share one scope)."""
+        for (other, group), (exclusive, _) in self.allocations.get(sku, {}).items():
+            if exclusive and other != channel and self.in_scope(group, location):
+                return group
+        return None
+
+    def has_allocation(self, sku: str, channel: str) -> bool:
+        return any(other == channel for other, _ in self.allocations.get(sku, ()))
+
+    def add_to_pool(self, key: tuple[str, str, str], delta: int) -> None:
+        self.pools[key] = self.pools.get(key, 0) + delta
+
+    def durable_pool(self, key: tuple[str, str, str]) -> int:
+        return self.pools.get(key, 0) - self.pool_pending.get(key, 0)
 
     def groups_in_use(self) -> set[str]:
         return {sourcing.group for sourcing, _ in self.sourcing.values()}
+
+    def allocations_scoped_by(self, group: str) -> list[tuple[str, str]]:
+        """(sku, channel) of the allocations whose scope is `group`."""
+        return [
+            (sku, channel)
+            for sku, by_scope in self.allocations.items()
+            for channel, scope in by_scope
+            if scope == group
+        ]
 
     # Checkpoints ------------------------------------------------------------------------
 
@@ -346,9 +403,9 @@ class Policies:
                 for channel, (s, a) in self.sourcing.items()
             ],
             "allocations": [
-                [sku, channel, exclusive, *_attr(a)]
-                for sku, by_channel in self.allocations.items()
-                for channel, (exclusive, a) in by_channel.items()
+                [sku, channel, group, exclusive, *_attr(a)]
+                for sku, by_scope in self.allocations.items()
+                for (channel, group), (exclusive, a) in by_scope.items()
             ],
             "pools": [[*key, units] for key, units in self.pools.items()],
             "controls": [control.to_json() for control in self.controls.values()],
@@ -360,6 +417,7 @@ class Policies:
             "preorder_channels": [
                 [channel, *_attr(a)] for channel, a in self.preorder_channels.items()
             ],
+            "channels": [[channel, *_attr(a)] for channel, a in self.channels.items()],
         }
 
     @classmethod
@@ -374,11 +432,11 @@ class Policies:
         for channel, group, allow_split, *attr in body.get("sourcing", []):
             sourcing = Sourcing(group, allow_split)
             policies.sourcing[channel] = (sourcing, Attribution(*attr))
-        for sku, channel, exclusive, *attr in body.get("allocations", []):
-            by_channel = policies.allocations.setdefault(sku, {})
-            by_channel[channel] = (exclusive, Attribution(*attr))
-        for sku, channel, units in body.get("pools", []):
-            policies.pools[(sku, channel)] = units
+        for sku, channel, group, exclusive, *attr in body.get("allocations", []):
+            by_scope = policies.allocations.setdefault(sku, {})
+            by_scope[(channel, group)] = (exclusive, Attribution(*attr))
+        for sku, channel, group, units in body.get("pools", []):
+            policies.pools[(sku, channel, group)] = units
         for fields in body.get("controls", []):
             control = Control.from_json(fields)
             policies.controls[control.control_id] = control
@@ -388,6 +446,8 @@ class Policies:
             policies.inbound_eta[(sku, location)] = (eta_us, Attribution(*attr))
         for channel, *attr in body.get("preorder_channels", []):
             policies.preorder_channels[channel] = Attribution(*attr)
+        for channel, *attr in body.get("channels", []):
+            policies.channels[channel] = Attribution(*attr)
         return policies
 
     def prune_controls(self, now_us: int) -> int:
@@ -406,6 +466,14 @@ def _set(
 ) -> None:
     if units:
         table[key] = (units, attribution)
+    else:
+        table.pop(key, None)
+
+
+def _put(table: dict[Any, Any], key: Any, value: Any, is_set: Any) -> None:
+    """Set an entry, or remove it when the change clears it."""
+    if is_set:
+        table[key] = value
     else:
         table.pop(key, None)
 

@@ -1,6 +1,7 @@
 """Reserve: where each line is held, under stock, policies and allocations."""
 
 import dataclasses
+from collections.abc import Collection
 
 from server.engine.commands import (
     LineResult,
@@ -23,6 +24,28 @@ from server.engine.model import (
 from server.engine.shard import shard_of
 from server.engine.state import US_PER_S, Decision, EngineState
 
+# A budget shared by the offers of one scope: (sku, "own" or "fence", group). "own" is
+# what the channel's allocation there has left, "fence" what other channels' ring
+# fences there leave it.
+_Budget = tuple[str, str, str]
+_KINDS = ("own", "fence")
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Offer:
+    position: Position
+    free: int
+    budgets: tuple[_Budget, ...]
+
+    def units(self, left: dict[_Budget, int], kinds: tuple[str, ...] = _KINDS) -> int:
+        """What this position can give within the budgets left, counting only the
+        budget kinds named (to tell which limit bit)."""
+        units = self.free
+        for budget in self.budgets:
+            if budget[1] in kinds:
+                units = min(units, left[budget])
+        return max(0, units)
+
 
 @dataclasses.dataclass(slots=True)
 class _LinePlan:
@@ -43,9 +66,9 @@ class Reserving(EngineState):
             for index, line in enumerate(command.lines)
         ]
         planned: dict[int, int] = {}
-        planned_sku: dict[str, int] = {}
+        planned_budgets: dict[_Budget, int] = {}
         plans = [
-            self._plan_line(line, planned, planned_sku, command.channel)
+            self._plan_line(line, planned, planned_budgets, command.channel)
             for line in lines
         ]
 
@@ -106,10 +129,10 @@ class Reserving(EngineState):
         self,
         line: ReserveLine,
         planned: dict[int, int],
-        planned_sku: dict[str, int],
+        planned_budgets: dict[_Budget, int],
         channel: str,
     ) -> _LinePlan:
-        """Choose where one line is held; `planned` and `planned_sku` track what
+        """Choose where one line is held; `planned` and `planned_budgets` track what
         earlier lines of the same request took."""
         shard = self.shards[shard_of(line.sku, len(self.shards))]
         by_location = shard.positions.get(line.sku)
@@ -121,79 +144,77 @@ class Reserving(EngineState):
         if self.policies.is_suppressed(channel, line.sku, now_us):
             return _LinePlan([], ShortReason.CHANNEL_SUPPRESSED, 0)
 
-        offers: list[tuple[Position, int]] = []
-        for location in line.candidates:
-            position = by_location.get(location)
-            if position is not None:
-                free = self.policies.available(position, channel, now_us)
-                free -= planned.get(id(position), 0)
-                offers.append((position, max(0, free)))
+        positions = [by_location[x] for x in line.candidates if x in by_location]
+        offers, budgets = self._offers(positions, channel, planned, planned_budgets)
         # What the line could have had under its own rules, reported when it is short
         # or when another line's shortage rejected it.
-        if line.allow_split:
-            available = sum(free for _, free in offers)
-        else:
-            available = max((free for _, free in offers), default=0)
-        cap, is_allocation_cap = self._cap(line.sku, channel, planned_sku)
-        if cap < line.quantity:
-            offers = [(position, min(free, cap)) for position, free in offers]
+        available = _reach(line, offers, budgets)
+        takes = _choose(line, offers, budgets)
+        for offer, quantity in takes:
+            planned[id(offer.position)] = planned.get(id(offer.position), 0) + quantity
+            for budget in offer.budgets:
+                planned_budgets[budget] = planned_budgets.get(budget, 0) + quantity
+        held = [(offer.position, quantity) for offer, quantity in takes]
+        if sum(quantity for _, quantity in held) == line.quantity:
+            return _LinePlan(held, None, available)
 
-        takes = self._choose(line, offers, min(line.quantity, cap))
-        for position, quantity in takes:
-            planned[id(position)] = planned.get(id(position), 0) + quantity
-        taken = sum(quantity for _, quantity in takes)
-        planned_sku[line.sku] = planned_sku.get(line.sku, 0) + taken
-        if taken == line.quantity:
-            return _LinePlan(takes, None, min(available, cap))
-        reason = ShortReason.INSUFFICIENT_STOCK
-        if is_allocation_cap and cap < min(available, line.quantity):
-            reason = ShortReason.CHANNEL_ALLOCATION_EXHAUSTED
-        return _LinePlan(takes, reason, min(available, cap))
+        return _LinePlan(held, _short_reason(line, offers, budgets), available)
 
-    def _cap(
-        self, sku: str, channel: str, planned_sku: dict[str, int]
-    ) -> tuple[int, bool]:
-        """The most `channel` may still hold of `sku` in total, and whether its own
-        allocation (rather than another's ring fence) sets that limit."""
-        cap = self.limits.on_hand_max
-        by_channel = self.policies.allocations.get(sku)
-        if not by_channel:
-            return cap, False
-        planned = planned_sku.get(sku, 0)
-        is_allocation_cap = False
-        if channel in by_channel:
-            cap = self.allocation_remaining(sku, channel) - planned
-            is_allocation_cap = True
-        unfenced = self.unfenced_units(sku, channel) - planned
-        if unfenced < cap:
-            cap, is_allocation_cap = unfenced, False
-        return max(0, cap), is_allocation_cap
+    def _offers(
+        self,
+        positions: list[Position],
+        channel: str,
+        planned: dict[int, int],
+        planned_budgets: dict[_Budget, int],
+    ) -> tuple[list[_Offer], dict[_Budget, int]]:
+        """What each position offers the channel, and the budgets of the scopes they
+        share: its own allocation's remaining units and what others' fences leave."""
+        now_us = self._clock.now_us()
+        offers: list[_Offer] = []
+        budgets: dict[_Budget, int] = {}
+        for position in positions:
+            sku, location = position.sku, position.location
+            free = self.policies.available(position, channel, now_us)
+            free -= planned.get(id(position), 0)
+            shared: list[_Budget] = []
+            own = self.policies.allocation_at(sku, channel, location)
+            if own is not None:
+                budget = (sku, "own", own)
+                if budget not in budgets:
+                    budgets[budget] = self.allocation_remaining(sku, channel, own)
+                shared.append(budget)
+            fence = self.policies.fence_at(sku, channel, location)
+            if fence is not None:
+                budget = (sku, "fence", fence)
+                if budget not in budgets:
+                    budgets[budget] = self.unfenced_units(sku, channel, fence)
+                shared.append(budget)
+            offers.append(_Offer(position, max(0, free), tuple(shared)))
+        for budget in budgets:
+            budgets[budget] -= planned_budgets.get(budget, 0)
+        return offers, budgets
 
-    def channel_cap(self, sku: str, channel: str) -> tuple[int, bool]:
-        """The most a channel could hold of a sku now, across locations, and whether
-        it has an allocation of it."""
-        cap, _ = self._cap(sku, channel, {})
-        return cap, self.policies.allocation_of(sku, channel) is not None
+    def channel_reach(
+        self, sku: str, channel: str, locations: Collection[str] = ()
+    ) -> int:
+        """The most a channel could hold of a sku now, across the given locations
+        (all when none are given): what stock, its allocations and others' ring
+        fences allow together."""
+        positions = [
+            position
+            for location, position in sorted(self.positions_of(sku).items())
+            if not locations or location in locations
+        ]
+        offers, budgets = self._offers(positions, channel, {}, {})
+        return _reach(None, offers, budgets)
 
-    @staticmethod
-    def _choose(
-        line: ReserveLine, offers: list[tuple[Position, int]], wanted_max: int
-    ) -> list[tuple[Position, int]]:
-        """The first location that covers the line wins; else split, or the best
-        single location for a partial hold (dropped later if all-or-nothing)."""
-        for position, free in offers:
-            if free >= line.quantity:
-                return [(position, line.quantity)]
-        if line.allow_split:
-            takes: list[tuple[Position, int]] = []
-            wanted = wanted_max
-            for position, free in offers:
-                if free > 0 and wanted > 0:
-                    takes.append((position, min(free, wanted)))
-                    wanted -= min(free, wanted)
-            return takes
-        best = max(offers, key=lambda offer: offer[1], default=None)
-        return [best] if best is not None and best[1] > 0 else []
+    def allocation_left(self, sku: str, channel: str) -> int | None:
+        """Units the channel's allocations of a sku have left, summed over their
+        scopes; None when it has none."""
+        scopes = [g for c, g in self.policies.allocations.get(sku, ()) if c == channel]
+        if not scopes:
+            return None
+        return sum(self.allocation_remaining(sku, channel, g) for g in scopes)
 
     @staticmethod
     def _reject_plan(plan: _LinePlan) -> _LinePlan:
@@ -228,8 +249,9 @@ class Reserving(EngineState):
                 merged[at] = merged.get(at, 0) + quantity
                 position.held += quantity
                 position.check()
-                key = (command.channel, position.sku)
-                self.channel_held[key] = self.channel_held.get(key, 0) + quantity
+                self.add_channel_held(
+                    command.channel, position.sku, position.location, quantity
+                )
 
         first_sku = next(iter(merged))[0]
         reservation = Reservation(
@@ -258,3 +280,62 @@ class Reserving(EngineState):
             reservation_id not in self.reservations, "reservation id generated twice"
         )
         return reservation_id
+
+
+def _reach(
+    line: ReserveLine | None,
+    offers: list[_Offer],
+    budgets: dict[_Budget, int],
+    kinds: tuple[str, ...] = _KINDS,
+) -> int:
+    """The most a line could be given: the best single location, or with a split
+    (or no line: a channel's whole view) everything the offers give in turn."""
+    if line is not None and not line.allow_split:
+        return max((offer.units(budgets, kinds) for offer in offers), default=0)
+    left = dict(budgets)
+    total = 0
+    for offer in offers:
+        units = offer.units(left, kinds)
+        total += units
+        for budget in offer.budgets:
+            left[budget] -= units
+    return total
+
+
+def _short_reason(
+    line: ReserveLine, offers: list[_Offer], budgets: dict[_Budget, int]
+) -> ShortReason:
+    """The channel's own allocation is named when it alone keeps the line short, and
+    at least as much as other channels' ring fences do; otherwise stock is short."""
+    stock = _reach(line, offers, budgets, ())
+    own = _reach(line, offers, budgets, ("own",))
+    fenced = _reach(line, offers, budgets, ("fence",))
+    if own < min(stock, line.quantity) and own <= fenced:
+        return ShortReason.CHANNEL_ALLOCATION_EXHAUSTED
+    return ShortReason.INSUFFICIENT_STOCK
+
+
+def _choose(
+    line: ReserveLine, offers: list[_Offer], budgets: dict[_Budget, int]
+) -> list[tuple[_Offer, int]]:
+    """The first location that covers the line wins; else split, or the best single
+    location for a partial hold (dropped later if all-or-nothing)."""
+    for offer in offers:
+        if offer.units(budgets) >= line.quantity:
+            return [(offer, line.quantity)]
+    if line.allow_split:
+        left = dict(budgets)
+        takes: list[tuple[_Offer, int]] = []
+        wanted = line.quantity
+        for offer in offers:
+            units = min(offer.units(left), wanted)
+            if units > 0:
+                takes.append((offer, units))
+                wanted -= units
+                for budget in offer.budgets:
+                    left[budget] -= units
+        return takes
+    best = max(offers, key=lambda offer: offer.units(budgets), default=None)
+    if best is None or best.units(budgets) == 0:
+        return []
+    return [(best, best.units(budgets))]

@@ -84,8 +84,8 @@ class Restoring(EngineState):
             self.locations.add(location)
         if "rsv" in body:
             self.restore_reservation(body["rsv"])
-        for sku, channel, delta in body.get("pools", ()):
-            self.policies.add_to_pool(sku, channel, delta)
+        for sku, channel, group, delta in body.get("pools", ()):
+            self.policies.add_to_pool((sku, channel, group), delta)
         for sku, location, delta in body.get("inbound", ()):
             self.policies.add_inbound(sku, location, delta)
         if "policy" in body:
@@ -116,9 +116,8 @@ class Restoring(EngineState):
                 for line in reservation.lines:
                     at = (line.sku, line.location)
                     derived[at] = derived.get(at, 0) + line.quantity_held
-                    key = (reservation.channel, line.sku)
-                    self.channel_held[key] = (
-                        self.channel_held.get(key, 0) + line.quantity_held
+                    self.add_channel_held(
+                        reservation.channel, line.sku, line.location, line.quantity_held
                     )
             else:
                 self._finished.append(

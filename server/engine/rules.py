@@ -1,6 +1,7 @@
 """Policy decisions: changes to policies and controls, throttling, the channel view
 of availability, and holds at risk."""
 
+import itertools
 from typing import Any
 
 from server.engine.commands import (
@@ -10,6 +11,8 @@ from server.engine.commands import (
     SetChannelAllocation,
     SetChannelBuffer,
     SetChannelPreorders,
+    SetChannels,
+    SetChannelSourcing,
     SetControl,
     SetInboundSupply,
     SetLocationGroup,
@@ -51,6 +54,10 @@ class Ruling(EngineState):
 
     def _policy_change(self, command: PolicyCommand) -> dict[str, Any]:
         """The change as recorded, after checks against the policies in force."""
+        for channel, field in _channels_of(command):
+            self._check_channel(channel, field=field)
+        if isinstance(command, SetChannels):
+            return self._channels_change(command)
         if isinstance(command, SetSafetyStock):
             levels = [[x.sku, x.location, x.units] for x in command.levels]
             return {"kind": "safety_stock", "levels": levels}
@@ -58,23 +65,17 @@ class Ruling(EngineState):
             buffers = [[x.channel, x.sku, x.units] for x in command.buffers]
             return {"kind": "buffer", "buffers": buffers}
         if isinstance(command, SetChannelAllocation):
+            self._check_scopes(command)
             levels = []
             for x in command.allocations:
                 # From the durable pool, as SetOnHand does from durable on-hand.
-                key = (x.sku, x.channel)
-                durable = self.policies.pools.get(key, 0) - (
-                    self.policies.pool_pending.get(key, 0)
+                delta = x.units - self.policies.durable_pool(
+                    (x.sku, x.channel, x.group)
                 )
-                pool_delta = x.units - durable
-                levels.append([x.sku, x.channel, x.units, x.exclusive, pool_delta])
+                levels.append([x.sku, x.channel, x.group, x.units, x.exclusive, delta])
             return {"kind": "allocation", "allocations": levels}
         if isinstance(command, SetLocationGroup):
-            if not command.locations and command.name in self.policies.groups_in_use():
-                raise FailedPrecondition(
-                    "GROUP_IN_USE",
-                    f"location group {command.name} is a channel's sourcing default",
-                    field="group.name",
-                )
+            self._check_group_change(command)
             return {
                 "kind": "group",
                 "name": command.name,
@@ -127,6 +128,83 @@ class Ruling(EngineState):
             "group": command.group,
             "allow_split": command.allow_split,
         }
+
+    def _channels_change(self, command: SetChannels) -> dict[str, Any]:
+        """A non-empty registry must include every channel a policy names, and a
+        named channel cannot be taken out even by emptying (reopening) it."""
+        registry = set(self.policies.channels)
+        removed: set[str] = set()
+        for entry in command.channels:
+            if entry.registered:
+                registry.add(entry.channel)
+            else:
+                registry.discard(entry.channel)
+                removed.add(entry.channel)
+        named = self.policies.channels_named(self._clock.now_us())
+        missing = sorted(named - registry if registry else named & removed)
+        if missing:
+            raise FailedPrecondition(
+                "CHANNEL_IN_USE",
+                f"policies in force name channel {missing[0]} "
+                f"({len(missing)} unregistered in all); the registry must "
+                "include every channel a policy names",
+                field="channels",
+            )
+        entries = [[x.channel, x.registered] for x in command.channels]
+        return {"kind": "channels", "channels": entries}
+
+    def _check_scopes(self, command: SetChannelAllocation) -> None:
+        """Allocation scopes of one sku, after the change, must be one group or share
+        no location (see the design note in policy.py)."""
+        for index, level in enumerate(command.allocations):
+            if level.group and level.group not in self.policies.groups:
+                raise FailedPrecondition(
+                    "GROUP_UNKNOWN",
+                    f"no location group {level.group}",
+                    field=f"allocations[{index}].location_group",
+                )
+        for sku in sorted({level.sku for level in command.allocations}):
+            scopes = set(self.policies.allocations.get(sku, ()))
+            for level in command.allocations:
+                if level.sku == sku and level.units:
+                    scopes.add((level.channel, level.group))
+                elif level.sku == sku:
+                    scopes.discard((level.channel, level.group))
+            groups = sorted({group for _, group in scopes})
+            for first, second in itertools.combinations(groups, 2):
+                if self._scopes_meet(first, second):
+                    raise FailedPrecondition(
+                        "ALLOCATION_SCOPES_OVERLAP",
+                        f"allocations of {sku} scoped to {_scope_name(first)} and "
+                        f"{_scope_name(second)} would overlap; one sku's allocations "
+                        "must share one scope or have no location in common",
+                        field="allocations",
+                    )
+
+    def _scopes_meet(self, first: str, second: str) -> bool:
+        if not first or not second:
+            return True
+        locations = set(self.policies.groups[first][0])
+        return not locations.isdisjoint(self.policies.groups[second][0])
+
+    def _check_group_change(self, command: SetLocationGroup) -> None:
+        if not command.locations and command.name in self.policies.groups_in_use():
+            raise FailedPrecondition(
+                "GROUP_IN_USE",
+                f"location group {command.name} is a channel's sourcing default",
+                field="group.name",
+            )
+        scoped = self.policies.allocations_scoped_by(command.name)
+        current = self.policies.groups.get(command.name)
+        if scoped and set(command.locations) != set(current[0] if current else ()):
+            sku, channel = scoped[0]
+            raise FailedPrecondition(
+                "GROUP_IN_USE",
+                f"location group {command.name} scopes {channel}'s allocation of "
+                f"{sku} ({len(scoped)} allocation(s) in all); its locations can be "
+                "reordered but not changed until those allocations are removed",
+                field="group.locations",
+            )
 
     def _control_change(self, command: SetControl) -> dict[str, Any]:
         now_us = self._clock.now_us()
@@ -283,3 +361,27 @@ class Ruling(EngineState):
         found = [item for item in found if not channel or item[0].channel == channel]
         found.sort(key=lambda item: (item[0].created_us, item[0].reservation_id))
         return found
+
+
+def _channels_of(command: PolicyCommand) -> list[tuple[str, str]]:
+    """The channels a policy change names, with their fields."""
+    if isinstance(command, SetChannelBuffer):
+        return [
+            (x.channel, f"buffers[{i}].channel") for i, x in enumerate(command.buffers)
+        ]
+    if isinstance(command, SetChannelAllocation):
+        return [
+            (x.channel, f"allocations[{i}].channel")
+            for i, x in enumerate(command.allocations)
+        ]
+    if isinstance(command, SetChannelSourcing):
+        return [(command.channel, "sourcing.channel")]
+    if isinstance(command, SetChannelPreorders):
+        return [(command.channel, "channel")]
+    if isinstance(command, SetControl) and command.kind is not ControlKind.RAISE_SAFETY:
+        return [(command.channel, "control.channel")]
+    return []
+
+
+def _scope_name(group: str) -> str:
+    return f"group {group}" if group else "every location"

@@ -21,6 +21,7 @@ from server.engine.commands import (
     fingerprint,
 )
 from server.engine.errors import (
+    FailedPrecondition,
     InvalidArgument,
     NotFound,
     ensure,
@@ -72,15 +73,15 @@ class Decision:
     request: RequestRow | None
     # Availability gains to make visible once durable.
     gains: list[tuple[Position, int]]
-    # Allocation gains, per (channel, sku), likewise.
-    channel_gains: list[tuple[tuple[str, str], int]] = dataclasses.field(
+    # Allocation gains, per (channel, sku, location), likewise.
+    channel_gains: list[tuple[tuple[str, str, str], int]] = dataclasses.field(
         default_factory=list
     )
     # On-hand and pool changes that stop being pending once durable.
     on_hand_pending: list[tuple[Position, int]] = dataclasses.field(
         default_factory=list
     )
-    pool_pending: list[tuple[tuple[str, str], int]] = dataclasses.field(
+    pool_pending: list[tuple[tuple[str, str, str], int]] = dataclasses.field(
         default_factory=list
     )
     inbound_pending: list[tuple[tuple[str, str], int]] = dataclasses.field(
@@ -145,10 +146,10 @@ class EngineState:
         # what the recovered reservations hold.
         self._replayed_held: dict[tuple[str, str], int] = {}
         self.policies = Policies()
-        # Units each channel holds per sku, and releases of them not yet durable:
-        # what an allocation's pool has lent out.
-        self.channel_held: dict[tuple[str, str], int] = {}
-        self.channel_withheld: dict[tuple[str, str], int] = {}
+        # Units each channel holds per (channel, sku, location), and releases of them
+        # not yet durable: summed over an allocation's scope, what its pool has lent.
+        self.channel_held: dict[tuple[str, str, str], int] = {}
+        self.channel_withheld: dict[tuple[str, str, str], int] = {}
         # Throttles' token buckets: control id -> (tokens, when counted).
         self._buckets: dict[str, tuple[float, int]] = {}
 
@@ -167,6 +168,14 @@ class EngineState:
                 field="reservation_id",
             )
         return reservation
+
+    def _check_channel(self, channel: str, *, field: str) -> None:
+        if not self.policies.is_known(channel):
+            raise FailedPrecondition(
+                "CHANNEL_UNKNOWN",
+                f"channel {channel} is not registered; register it with SetChannels",
+                field=field,
+            )
 
     def _position(self, sku: str, location: str) -> Position:
         position = self.shards[shard_of(sku, len(self.shards))].position(sku, location)
@@ -245,29 +254,52 @@ class EngineState:
             for by_location in shard.positions.values():
                 yield from by_location.values()
 
-    def allocation_remaining(self, sku: str, channel: str) -> int:
-        """Units of the channel's pool it may still hold (never below zero)."""
-        key = (channel, sku)
-        lent = self.channel_held.get(key, 0) + self.channel_withheld.get(key, 0)
-        return max(0, self.policies.pools.get((sku, channel), 0) - lent)
+    def allocation_remaining(self, sku: str, channel: str, group: str) -> int:
+        """Units of the channel's pool scoped to `group` it may still hold (never
+        below zero). Holds exist only at positions, so their locations suffice."""
+        lent = 0
+        for location in self.positions_of(sku):
+            if self.policies.in_scope(group, location):
+                key = (channel, sku, location)
+                lent += self.channel_held.get(key, 0)
+                lent += self.channel_withheld.get(key, 0)
+        pool = self.policies.pools.get((sku, channel, group), 0)
+        return max(0, pool - lent)
 
-    def _free_units(self, sku: str) -> int:
-        """Units of a sku free to promise anywhere, before channel buffers."""
+    def _free_units(self, sku: str, group: str) -> int:
+        """Units of a sku free to promise in a scope, before channel buffers."""
         now_us = self._clock.now_us()
         return sum(
-            self.policies.available(p, "", now_us)
-            for p in self.positions_of(sku).values()
+            self.policies.available(position, "", now_us)
+            for location, position in self.positions_of(sku).items()
+            if self.policies.in_scope(group, location)
         )
 
-    def unfenced_units(self, sku: str, channel: str) -> int:
-        """Units of a sku `channel` may take without eating into another channel's
-        exclusive allocation (no limit when there is none)."""
-        by_channel = self.policies.allocations.get(sku)
+    def unfenced_units(self, sku: str, channel: str, group: str | None) -> int:
+        """Units of a sku `channel` may take in the scope `group` without eating into
+        another channel's exclusive allocation there (no limit when there is none)."""
+        if group is None:
+            return self.limits.on_hand_max
         fence = sum(
-            self.allocation_remaining(sku, other)
-            for other, (exclusive, _) in (by_channel or {}).items()
-            if exclusive and other != channel
+            self.allocation_remaining(sku, other, scope)
+            for (other, scope), (exclusive, _) in self.policies.allocations.get(
+                sku, {}
+            ).items()
+            if exclusive and other != channel and scope == group
         )
         if not fence:
             return self.limits.on_hand_max
-        return self._free_units(sku) - fence
+        return self._free_units(sku, group) - fence
+
+    def add_channel_held(
+        self, channel: str, sku: str, location: str, quantity: int
+    ) -> None:
+        key = (channel, sku, location)
+        held = self.channel_held.get(key, 0) + quantity
+        ensure(held >= 0, f"channel {channel} holds {held} of {sku} at {location}")
+        if held:
+            self.channel_held[key] = held
+        else:
+            # A line can hold nothing (released or fulfilled in full) while its
+            # reservation stays open, so there may be nothing to drop.
+            self.channel_held.pop(key, None)

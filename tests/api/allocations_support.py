@@ -438,3 +438,62 @@ class Shopper:
             ),
         )
         return answer.reservation
+
+
+# Allocations per location group --------------------------------------------------------
+
+# (sku, channel, location_group): one allocation and its scope ("" for every location).
+ScopedKey = tuple[str, str, str]
+
+
+def scoped_level(
+    sku: str, channel: str, quantity: int, *, group: str, exclusive: bool = False
+) -> admin_pb2.ChannelAllocation:
+    """An allocation whose holds and fence count only at `group`'s locations."""
+    return admin_pb2.ChannelAllocation(
+        sku=sku,
+        channel=channel,
+        quantity=quantity,
+        exclusive=exclusive,
+        location_group=group,
+    )
+
+
+async def scoped_pools(server: Stubs) -> dict[ScopedKey, PoolView]:
+    """Every allocation in force by its scope, as (quantity, remaining, exclusive)."""
+    return {
+        (item.sku, item.channel, item.location_group): (
+            item.quantity,
+            item.remaining,
+            item.exclusive,
+        )
+        for item in (await policies(server)).allocations
+    }
+
+
+async def set_group(server: Stubs, change_id: str, name: str, *locations: str) -> bool:
+    """Define a location group (no locations: remove it); returns whether replayed."""
+    response: admin_pb2.SetLocationGroupResponse = await server.admin.SetLocationGroup(
+        admin_pb2.SetLocationGroupRequest(
+            actor=ACTOR,
+            change_id=change_id,
+            group=admin_pb2.LocationGroup(name=name, locations=locations),
+        )
+    )
+    return bool(response.replayed)
+
+
+async def sku_views(
+    server: Stubs, skus: list[str], channels: tuple[str, ...]
+) -> list[list[inventory_pb2.SkuAvailability]]:
+    """GetAvailability of `skus` as each channel ("" for none) sees them, without
+    as_of, so that two readings of unchanged state compare equal."""
+    views = []
+    for channel in channels:
+        response: inventory_pb2.GetAvailabilityResponse = (
+            await server.inventory.GetAvailability(
+                inventory_pb2.GetAvailabilityRequest(skus=skus, channel=channel)
+            )
+        )
+        views.append(list(response.skus))
+    return views

@@ -9,9 +9,8 @@ once a day, so that holds do not expire behind a test's back while it advances t
 clock by an hour to end a time box.
 """
 
-import pathlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -30,8 +29,8 @@ from tests.api.client import (
     set_on_hand,
     status_refusal,
 )
-from tests.conftest import DATABASE_URL, Running, ServerFactory, stop_server
-from tests.reliability.server_process import CHANNEL_OPTIONS, ServerProcess, free_port
+from tests.conftest import Running, ServerFactory, stop_server
+from tests.reliability.server_process import CHANNEL_OPTIONS, ServerProcess
 
 RESERVED = inventory_pb2.RESERVE_OUTCOME_RESERVED
 PARTIAL = inventory_pb2.RESERVE_OUTCOME_PARTIALLY_RESERVED
@@ -1076,22 +1075,6 @@ async def test_controls_and_their_time_boxes_survive_a_restart(
     clock.advance(HOUR_S)
     assert await controls_in_force(server.admin) == []
     assert (await view(server.inventory, "MUG", WEB))[3:] == (20, False)
-
-
-@pytest.fixture
-async def server_process(
-    schema: str, tmp_path: pathlib.Path
-) -> AsyncIterator[ServerProcess]:
-    process = ServerProcess(
-        database_url=DATABASE_URL,
-        schema=schema,
-        port=free_port(),
-        log_path=tmp_path / "server.log",
-        extra_args=("--shards", "3"),
-    )
-    await process.start()
-    yield process
-    await process.close()
 
 
 async def test_controls_survive_a_sigkill_of_the_server_process(

@@ -9,9 +9,7 @@ STOCKWARD_SEED=<seed>.
 
 import asyncio
 import os
-import pathlib
 import random
-from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -30,8 +28,8 @@ from tests.api.client import (
     reserve_request,
     set_on_hand,
 )
-from tests.conftest import DATABASE_URL, Running, ServerFactory, stop_server
-from tests.reliability.server_process import CHANNEL_OPTIONS, ServerProcess, free_port
+from tests.conftest import Running, ServerFactory, stop_server
+from tests.reliability.server_process import CHANNEL_OPTIONS, ServerProcess
 
 RESERVED = inventory_pb2.RESERVE_OUTCOME_RESERVED
 REJECTED = inventory_pb2.RESERVE_OUTCOME_REJECTED
@@ -919,22 +917,6 @@ async def test_policies_survive_a_restart(start_server: ServerFactory) -> None:
 
     assert await get_policies(server.admin) == before
     await check_decisions_honour_policies(server.inventory)
-
-
-@pytest.fixture
-async def server_process(
-    schema: str, tmp_path: pathlib.Path
-) -> AsyncIterator[ServerProcess]:
-    process = ServerProcess(
-        database_url=DATABASE_URL,
-        schema=schema,
-        port=free_port(),
-        log_path=tmp_path / "server.log",
-        extra_args=("--shards", "3"),
-    )
-    await process.start()
-    yield process
-    await process.close()
 
 
 async def test_policies_survive_a_sigkill_of_the_server_process(

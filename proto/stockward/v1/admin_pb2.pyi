@@ -607,6 +607,7 @@ class ChannelAllocation(_message.Message):
     EXCLUSIVE_FIELD_NUMBER: _builtins.int
     REMAINING_FIELD_NUMBER: _builtins.int
     ATTRIBUTION_FIELD_NUMBER: _builtins.int
+    LOCATION_GROUP_FIELD_NUMBER: _builtins.int
     sku: _builtins.str
     channel: _builtins.str
     quantity: _builtins.int
@@ -617,6 +618,12 @@ class ChannelAllocation(_message.Message):
     """Ring-fenced: other channels must leave the pool's remaining units free."""
     remaining: _builtins.int
     """Reading only: units the channel may still hold from the pool."""
+    location_group: _builtins.str
+    """The scope: holds at this group's locations draw on the pool (and an exclusive
+    pool is fenced there). Empty: every location. One sku's allocations must share
+    one scope or have no location in common; a group that scopes an allocation may
+    be reordered but not given other locations.
+    """
     @_builtins.property
     def attribution(self) -> Global___PolicyAttribution: ...
     def __init__(
@@ -628,10 +635,11 @@ class ChannelAllocation(_message.Message):
         exclusive: _builtins.bool = ...,
         remaining: _builtins.int = ...,
         attribution: Global___PolicyAttribution | None = ...,
+        location_group: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["attribution", b"attribution"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attribution", b"attribution", "channel", b"channel", "exclusive", b"exclusive", "quantity", b"quantity", "remaining", b"remaining", "sku", b"sku"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attribution", b"attribution", "channel", b"channel", "exclusive", b"exclusive", "location_group", b"location_group", "quantity", b"quantity", "remaining", b"remaining", "sku", b"sku"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -982,6 +990,78 @@ class PreorderChannel(_message.Message):
 Global___PreorderChannel: _TypeAlias = PreorderChannel  # noqa: Y015
 
 @_typing.final
+class ChannelEntry(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    REGISTERED_FIELD_NUMBER: _builtins.int
+    ATTRIBUTION_FIELD_NUMBER: _builtins.int
+    channel: _builtins.str
+    registered: _builtins.bool
+    """Setting: false takes the channel out of the registry. Reading: always true."""
+    @_builtins.property
+    def attribution(self) -> Global___PolicyAttribution: ...
+    def __init__(
+        self,
+        *,
+        channel: _builtins.str = ...,
+        registered: _builtins.bool = ...,
+        attribution: Global___PolicyAttribution | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["attribution", b"attribution"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attribution", b"attribution", "channel", b"channel", "registered", b"registered"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChannelEntry: _TypeAlias = ChannelEntry  # noqa: Y015
+
+@_typing.final
+class SetChannelsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACTOR_FIELD_NUMBER: _builtins.int
+    CHANGE_ID_FIELD_NUMBER: _builtins.int
+    CHANNELS_FIELD_NUMBER: _builtins.int
+    actor: _builtins.str
+    change_id: _builtins.str
+    @_builtins.property
+    def channels(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChannelEntry]: ...
+    def __init__(
+        self,
+        *,
+        actor: _builtins.str = ...,
+        change_id: _builtins.str = ...,
+        channels: _abc.Iterable[Global___ChannelEntry] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "change_id", b"change_id", "channels", b"channels"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetChannelsRequest: _TypeAlias = SetChannelsRequest  # noqa: Y015
+
+@_typing.final
+class SetChannelsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPLAYED_FIELD_NUMBER: _builtins.int
+    replayed: _builtins.bool
+    def __init__(
+        self,
+        *,
+        replayed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["replayed", b"replayed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetChannelsResponse: _TypeAlias = SetChannelsResponse  # noqa: Y015
+
+@_typing.final
 class ListAtRiskReservationsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -1098,6 +1178,7 @@ class GetPoliciesResponse(_message.Message):
     CONTROLS_FIELD_NUMBER: _builtins.int
     INBOUND_FIELD_NUMBER: _builtins.int
     PREORDER_CHANNELS_FIELD_NUMBER: _builtins.int
+    CHANNELS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def safety_stock(self) -> _containers.RepeatedCompositeFieldContainer[Global___SafetyStock]: ...
     @_builtins.property
@@ -1116,6 +1197,10 @@ class GetPoliciesResponse(_message.Message):
     def inbound(self) -> _containers.RepeatedCompositeFieldContainer[Global___InboundSupply]: ...
     @_builtins.property
     def preorder_channels(self) -> _containers.RepeatedCompositeFieldContainer[Global___PreorderChannel]: ...
+    @_builtins.property
+    def channels(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChannelEntry]:
+        """The channel registry; empty while every channel name is accepted."""
+
     def __init__(
         self,
         *,
@@ -1127,10 +1212,11 @@ class GetPoliciesResponse(_message.Message):
         controls: _abc.Iterable[Global___ContinuityControl] | None = ...,
         inbound: _abc.Iterable[Global___InboundSupply] | None = ...,
         preorder_channels: _abc.Iterable[Global___PreorderChannel] | None = ...,
+        channels: _abc.Iterable[Global___ChannelEntry] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocations", b"allocations", "buffers", b"buffers", "controls", b"controls", "inbound", b"inbound", "location_groups", b"location_groups", "preorder_channels", b"preorder_channels", "safety_stock", b"safety_stock", "sourcing", b"sourcing"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["allocations", b"allocations", "buffers", b"buffers", "channels", b"channels", "controls", b"controls", "inbound", b"inbound", "location_groups", b"location_groups", "preorder_channels", b"preorder_channels", "safety_stock", b"safety_stock", "sourcing", b"sourcing"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -89,6 +89,11 @@ class StockAdminServiceStub:
                 request_serializer=stockward_dot_v1_dot_admin__pb2.SetChannelPreordersRequest.SerializeToString,
                 response_deserializer=stockward_dot_v1_dot_admin__pb2.SetChannelPreordersResponse.FromString,
                 _registered_method=True)
+        self.SetChannels = channel.unary_unary(
+                '/stockward.v1.StockAdminService/SetChannels',
+                request_serializer=stockward_dot_v1_dot_admin__pb2.SetChannelsRequest.SerializeToString,
+                response_deserializer=stockward_dot_v1_dot_admin__pb2.SetChannelsResponse.FromString,
+                _registered_method=True)
         self.ListAtRiskReservations = channel.unary_unary(
                 '/stockward.v1.StockAdminService/ListAtRiskReservations',
                 request_serializer=stockward_dot_v1_dot_admin__pb2.ListAtRiskReservationsRequest.SerializeToString,
@@ -188,6 +193,16 @@ class StockAdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetChannels(self, request, context):
+        """Registers channels, or takes them out of the registry. While the registry is
+        empty every channel name is accepted; once it names any, Reserves from other
+        channels and policies naming them get FAILED_PRECONDITION CHANNEL_UNKNOWN. A
+        channel that a policy in force names cannot be taken out (CHANNEL_IN_USE).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListAtRiskReservations(self, request, context):
         """Holds that on-hand no longer covers (on-hand fell below held + safety stock less
         expected receipts): each position's shortfall is laid on its newest holds. Listed
@@ -261,6 +276,11 @@ def add_StockAdminServiceServicer_to_server(servicer, server):
                     servicer.SetChannelPreorders,
                     request_deserializer=stockward_dot_v1_dot_admin__pb2.SetChannelPreordersRequest.FromString,
                     response_serializer=stockward_dot_v1_dot_admin__pb2.SetChannelPreordersResponse.SerializeToString,
+            ),
+            'SetChannels': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetChannels,
+                    request_deserializer=stockward_dot_v1_dot_admin__pb2.SetChannelsRequest.FromString,
+                    response_serializer=stockward_dot_v1_dot_admin__pb2.SetChannelsResponse.SerializeToString,
             ),
             'ListAtRiskReservations': grpc.unary_unary_rpc_method_handler(
                     servicer.ListAtRiskReservations,
@@ -570,6 +590,33 @@ class StockAdminService:
             '/stockward.v1.StockAdminService/SetChannelPreorders',
             stockward_dot_v1_dot_admin__pb2.SetChannelPreordersRequest.SerializeToString,
             stockward_dot_v1_dot_admin__pb2.SetChannelPreordersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetChannels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stockward.v1.StockAdminService/SetChannels',
+            stockward_dot_v1_dot_admin__pb2.SetChannelsRequest.SerializeToString,
+            stockward_dot_v1_dot_admin__pb2.SetChannelsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -67,6 +67,12 @@ class StockAdminServiceStub:
     """Expected receipts per sku and location, with an ETA; quantity 0 removes one."""
     SetChannelPreorders: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetChannelPreordersRequest, _admin_pb2.SetChannelPreordersResponse]
     """Whether a channel may take pre-orders: hold against inbound supply."""
+    SetChannels: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetChannelsRequest, _admin_pb2.SetChannelsResponse]
+    """Registers channels, or takes them out of the registry. While the registry is
+    empty every channel name is accepted; once it names any, Reserves from other
+    channels and policies naming them get FAILED_PRECONDITION CHANNEL_UNKNOWN. A
+    channel that a policy in force names cannot be taken out (CHANNEL_IN_USE).
+    """
     ListAtRiskReservations: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListAtRiskReservationsRequest, _admin_pb2.ListAtRiskReservationsResponse]
     """Holds that on-hand no longer covers (on-hand fell below held + safety stock less
     expected receipts): each position's shortfall is laid on its newest holds. Listed
@@ -112,6 +118,12 @@ class StockAdminServiceAsyncStub(StockAdminServiceStub):
     """Expected receipts per sku and location, with an ETA; quantity 0 removes one."""
     SetChannelPreorders: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetChannelPreordersRequest, _admin_pb2.SetChannelPreordersResponse]  # type: ignore[assignment]
     """Whether a channel may take pre-orders: hold against inbound supply."""
+    SetChannels: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetChannelsRequest, _admin_pb2.SetChannelsResponse]  # type: ignore[assignment]
+    """Registers channels, or takes them out of the registry. While the registry is
+    empty every channel name is accepted; once it names any, Reserves from other
+    channels and policies naming them get FAILED_PRECONDITION CHANNEL_UNKNOWN. A
+    channel that a policy in force names cannot be taken out (CHANNEL_IN_USE).
+    """
     ListAtRiskReservations: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListAtRiskReservationsRequest, _admin_pb2.ListAtRiskReservationsResponse]  # type: ignore[assignment]
     """Holds that on-hand no longer covers (on-hand fell below held + safety stock less
     expected receipts): each position's shortfall is laid on its newest holds. Listed
@@ -220,6 +232,18 @@ class StockAdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.SetChannelPreordersResponse, _abc.Awaitable[_admin_pb2.SetChannelPreordersResponse]]:
         """Whether a channel may take pre-orders: hold against inbound supply."""
+
+    @_abc_1.abstractmethod
+    def SetChannels(
+        self,
+        request: _admin_pb2.SetChannelsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.SetChannelsResponse, _abc.Awaitable[_admin_pb2.SetChannelsResponse]]:
+        """Registers channels, or takes them out of the registry. While the registry is
+        empty every channel name is accepted; once it names any, Reserves from other
+        channels and policies naming them get FAILED_PRECONDITION CHANNEL_UNKNOWN. A
+        channel that a policy in force names cannot be taken out (CHANNEL_IN_USE).
+        """
 
     @_abc_1.abstractmethod
     def ListAtRiskReservations(

@@ -737,17 +737,17 @@ class SkuAvailability(_message.Message):
     known: _builtins.bool
     """False when no location has ever stocked the sku."""
     has_allocation: _builtins.bool
-    """The channel's allocation of the sku, if it has one, and what it lets the channel
-    hold now: the pool's remaining units, or less where another channel's ring fence
-    leaves fewer free (GetPolicies shows the pool's own remaining).
+    """Whether the channel has an allocation of the sku, and the units its allocations
+    have left, summed over their scopes (GetPolicies shows each pool). What it can
+    hold now is total.available_to_sell.
     """
     allocation_remaining: _builtins.int
     suppressed: _builtins.bool
     """A continuity control suppresses the channel for this sku: it sees zero."""
     @_builtins.property
     def total(self) -> Global___Availability:
-        """total.available_to_sell is also capped by the channel's allocation and by other
-        channels' ring fences, which span locations.
+        """total.available_to_sell is also capped by the channel's allocations and by other
+        channels' ring fences, each of which spans a location group or every location.
         """
 
     @_builtins.property
