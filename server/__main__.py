@@ -1,6 +1,7 @@
 """`python -m server`: run the stockward reservation server until SIGTERM or SIGINT."""
 
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -34,8 +35,19 @@ async def serve() -> None:
     await app.stop()
 
 
+# Python's cyclic garbage collector runs a young-generation pass every 700 net
+# allocations by default. A busy server allocates that many in well under a
+# millisecond, and every pass, and the older-generation passes they trigger, costs
+# more the more reservations are held: under load that doubled the CPU spent per
+# reservation. The engine's objects hold no reference cycles (reference counting
+# frees them), so collecting a hundred times less often loses nothing.
+GC_YOUNG_THRESHOLD = 100_000
+
+
 def main() -> None:
     logs.configure()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
     uvloop.run(serve())
 
 

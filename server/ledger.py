@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import enum
 import functools
+import gc
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -413,6 +414,10 @@ class Ledger:
                 )
         self._engine = engine
         self._inflight.clear()
+        # The recovered state lives until the next recovery: keep the garbage
+        # collector from walking it again in every full collection.
+        gc.collect()
+        gc.freeze()
         self._writers = [
             ShardWriter(
                 shard=shard.index,
