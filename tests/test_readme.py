@@ -109,3 +109,17 @@ def test_readme_flash_sale_example_holds_what_it_says(
     for line in printed:
         assert f"`{line}`" in text, f"the README no longer says {line!r}"
 
+
+def test_readme_client_library_example_batches_and_names_refusals(
+    demo_server: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
+    example = next(block for block in blocks if "StockwardClient" in block)
+    assert README_ADDRESS in example
+
+    exec(compile(example.replace(README_ADDRESS, demo_server), "README", "exec"), {})
+
+    held, refused = capsys.readouterr().out.splitlines()
+    assert held.startswith("held: 50 batches: ")
+    assert 1 <= int(held.split()[-1]) <= 10
+    assert refused == "refused: RESERVATION_RELEASED"
