@@ -9,13 +9,13 @@ PYTEST_FLAGS ?=
 
 export STOCKWARD_DATABASE_URL ?= postgresql://postgres@127.0.0.1:5432/test
 
-.PHONY: run test lint types unit integration reliability proto services clean
+.PHONY: run test lint types unit integration reliability bench bench-quick proto services clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "stockward needs Python 3.11+"'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	touch $(STAMP)
 
 services: $(STAMP)
@@ -45,6 +45,14 @@ reliability: services
 	$(PY) -m pytest $(PYTEST_FLAGS) tests -m reliability
 
 test: lint types unit integration reliability
+
+# Benchmarks: every scenario and baseline side by side; report in benchmarks/results/.
+# gRPC's fork notices are silenced: the runner forks its services on purpose.
+bench: services
+	GRPC_VERBOSITY=ERROR $(PY) -m benchmarks
+
+bench-quick: services
+	GRPC_VERBOSITY=ERROR $(PY) -m benchmarks --quick
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Baseline services measured beside stockward, behind the same gRPC contract."""
