@@ -403,21 +403,25 @@ class Ledger:
         for task in self._writer_tasks:
             task.cancel()
         await self._own_schema()
-        async with asyncio.timeout(max(60.0, self._config.database_timeout_s)):
-            async with self._pool.acquire() as conn:
-                engine = await recover(
-                    conn,
-                    shard_count=self._config.shards,
-                    clock=self._clock,
-                    limits=self._limits,
-                    idempotency_retention_s=self._config.idempotency_retention_s,
-                )
+        # Recovery builds millions of objects that all live on: collections while
+        # it runs would find nothing to free and walk more each time. Afterwards
+        # they are frozen, so that full collections never walk them again.
+        gc.disable()
+        try:
+            async with asyncio.timeout(max(60.0, self._config.database_timeout_s)):
+                async with self._pool.acquire() as conn:
+                    engine = await recover(
+                        conn,
+                        shard_count=self._config.shards,
+                        clock=self._clock,
+                        limits=self._limits,
+                        idempotency_retention_s=self._config.idempotency_retention_s,
+                    )
+        finally:
+            gc.freeze()
+            gc.enable()
         self._engine = engine
         self._inflight.clear()
-        # The recovered state lives until the next recovery: keep the garbage
-        # collector from walking it again in every full collection.
-        gc.collect()
-        gc.freeze()
         self._writers = [
             ShardWriter(
                 shard=shard.index,

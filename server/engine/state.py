@@ -7,6 +7,7 @@ puts them together behind `decide`.
 """
 
 import dataclasses
+import json
 import secrets
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -19,6 +20,7 @@ from server.engine.commands import (
     Result,
     StockCommand,
     fingerprint,
+    result_from_json,
 )
 from server.engine.errors import (
     FailedPrecondition,
@@ -102,9 +104,16 @@ class Replay:
 @dataclasses.dataclass(slots=True)
 class Remembered:
     fingerprint: str
-    result: Result
+    # The answer, or its JSON text as restored from the request log until a retry
+    # needs it (see `answer`).
+    result: Result | str
     created_us: int
     durable: bool
+
+    def answer(self) -> Result:
+        if isinstance(self.result, str):
+            self.result = result_from_json(json.loads(self.result), replayed=False)
+        return self.result
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -198,7 +207,7 @@ class EngineState:
                 f"{field} {key[1]!r} was already used for a different request",
                 field=field,
             )
-        replayed = dataclasses.replace(remembered.result, replayed=True)
+        replayed = dataclasses.replace(remembered.answer(), replayed=True)
         return Replay(result=replayed, durable=remembered.durable, key=key)
 
     def _answer(

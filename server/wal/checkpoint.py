@@ -8,12 +8,13 @@ Known shortcoming: wal_records are never deleted; the table grows by one row per
 commitment until the ERP bridge (which reads them) owns their retention.
 """
 
-import json
 import logging
 import time
 from typing import Any
 
 import asyncpg
+
+from server.wal import codec
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ async def store_checkpoint(
             "VALUES ($1, $2, $3) RETURNING id",
             created_us,
             shard_seqs,
-            json.dumps(policies),
+            codec.encode(policies),
         )
         await conn.copy_records_to_table(
             "checkpoint_positions",
@@ -46,7 +47,7 @@ async def store_checkpoint(
         )
         await conn.copy_records_to_table(
             "checkpoint_reservations",
-            records=[(checkpoint_id, json.dumps(body)) for body in reservations],
+            records=[(checkpoint_id, codec.encode(body)) for body in reservations],
             columns=("checkpoint_id", "body"),
         )
         await conn.execute(

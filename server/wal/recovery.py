@@ -22,7 +22,6 @@ The cases, each covered by tests/wal/test_recovery.py:
 | a gap in a shard's seqs                      | refuse to start (InvariantBroken)     |
 """
 
-import json
 import logging
 import time
 
@@ -31,6 +30,7 @@ import asyncpg
 from server.clock import Clock
 from server.engine.engine import US_PER_S, Engine
 from server.engine.limits import Limits
+from server.wal import codec
 from server.wal.schema import WRITE_FENCE_LOCK, WRITE_FENCE_UNLOCK
 
 log = logging.getLogger(__name__)
@@ -98,7 +98,7 @@ async def _load(
                 prefetch=_PREFETCH_ROWS,
             )
             async for row in cursor:
-                engine.replay_record(shard, row["seq"], json.loads(row["body"]))
+                engine.replay_record(shard, row["seq"], codec.decode(row["body"]))
                 replayed += 1
         horizon_us = clock.now_us() - idempotency_retention_s * US_PER_S
         requests = conn.cursor(
@@ -112,7 +112,7 @@ async def _load(
                 scope=row["scope"],
                 request_id=row["request_id"],
                 fingerprint_=row["fingerprint"],
-                result=json.loads(row["result"]),
+                result=row["result"],
                 created_us=row["created_us"],
             )
     return replayed
@@ -143,8 +143,8 @@ async def _load_checkpoint(
         prefetch=_PREFETCH_ROWS,
     )
     async for row in reservations:
-        engine.restore_reservation(json.loads(row["body"]))
-    engine.restore_policies(json.loads(checkpoint["policies"]))
+        engine.restore_reservation(codec.decode(row["body"]))
+    engine.restore_policies(codec.decode(checkpoint["policies"]))
     seqs: list[int] = list(checkpoint["shard_seqs"])
     for shard, seq in enumerate(seqs):
         engine.restore_seq(shard, seq)

@@ -16,7 +16,6 @@ if the write had in fact committed.
 import asyncio
 import collections
 import dataclasses
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -25,6 +24,7 @@ import asyncpg
 
 from server.engine.engine import Decision
 from server.engine.errors import Unavailable, ensure
+from server.wal import codec
 from server.wal.schema import DATABASE_ERRORS, WRITE_FENCE_SHARED
 
 log = logging.getLogger(__name__)
@@ -228,7 +228,7 @@ class ShardWriter:
                 r.seq,
                 r.kind,
                 r.reservation_id,
-                json.dumps(r.body),
+                codec.encode(r.body),
                 r.recorded_us,
             )
             for d in decisions
@@ -249,6 +249,6 @@ class ShardWriter:
                     [r.scope for r in requests],
                     [r.request_id for r in requests],
                     [r.fingerprint for r in requests],
-                    [json.dumps(r.result) for r in requests],
+                    [codec.encode(r.result) for r in requests],
                     [r.created_us for r in requests],
                 )
