@@ -193,7 +193,29 @@ class Ledger:
                 pendings.append(self._submit(self.engine.decide(command)))
             except EngineError as error:
                 pendings.append(error)
-        return list(await asyncio.gather(*(self._settle_one(p) for p in pendings)))
+        # One wait for every write of the batch rather than a task per command: the
+        # tasks cost more than the decisions. asyncio.wait leaves the writes running
+        # if this caller goes away, as shield does for a single command.
+        writes = {
+            p.future
+            for p in pendings
+            if isinstance(p, _Pending) and p.future is not None
+        }
+        if writes:
+            await asyncio.wait(writes)
+        return [self._settled(p) for p in pendings]
+
+    @staticmethod
+    def _settled(pending: "_Pending | EngineError") -> Result | EngineError:
+        """The answer of a command whose write (if any) has ended."""
+        if isinstance(pending, EngineError):
+            return pending
+        if pending.future is not None:
+            try:
+                pending.future.result()
+            except EngineError as error:
+                return error
+        return pending.result
 
     def _check_room(self) -> None:
         # One full shard means Postgres is not keeping up; refuse before deciding, as a
@@ -239,16 +261,6 @@ class Ledger:
         if pending.future is not None:
             await asyncio.shield(pending.future)
         return pending.result
-
-    async def _settle_one(
-        self, pending: "_Pending | EngineError"
-    ) -> Result | EngineError:
-        if isinstance(pending, EngineError):
-            return pending
-        try:
-            return await self._settle(pending)
-        except EngineError as error:
-            return error
 
     async def _wait_for_gate(self) -> None:
         if not self._gate.is_set():
