@@ -32,9 +32,10 @@ class Config:
     idempotency_retention_s: int = 24 * 3600
     # Pending holds get this TTL when the request says 0.
     ttl_default_s: int = 900
-    # Expiry sweep period and the most holds expired per sweep (bounds one loop turn).
+    # Expiry sweep period and the most holds expired per sweep: 1,000 keeps one turn
+    # of the event loop near 20 ms; a full sweep is followed by another at once.
     expiry_tick_s: float = 0.2
-    expiry_batch_max: int = 5_000
+    expiry_batch_max: int = 1_000
     # A checkpoint every so often, once enough records have accumulated since the last.
     checkpoint_interval_s: float = 60.0
     checkpoint_records_min: int = 10_000

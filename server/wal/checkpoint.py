@@ -8,15 +8,21 @@ Known shortcoming: wal_records are never deleted; the table grows by one row per
 commitment until the ERP bridge (which reads them) owns their retention.
 """
 
+import asyncio
 import logging
 import time
-from typing import Any
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, TypeVar
 
 import asyncpg
 
 from server.wal import codec
 
 log = logging.getLogger(__name__)
+
+# Rows encoded between two turns of the event loop: a few milliseconds of work.
+_ROWS_PER_TURN = 2_000
+Row = TypeVar("Row")
 
 
 async def store_checkpoint(
@@ -42,12 +48,14 @@ async def store_checkpoint(
         )
         await conn.copy_records_to_table(
             "checkpoint_positions",
-            records=[(checkpoint_id, *row) for row in positions],
+            records=_yielding(positions, lambda row: (checkpoint_id, *row)),
             columns=("checkpoint_id", "sku", "location", "on_hand", "held"),
         )
         await conn.copy_records_to_table(
             "checkpoint_reservations",
-            records=[(checkpoint_id, codec.encode(body)) for body in reservations],
+            records=_yielding(
+                reservations, lambda body: (checkpoint_id, codec.encode(body))
+            ),
             columns=("checkpoint_id", "body"),
         )
         await conn.execute(
@@ -65,3 +73,14 @@ async def store_checkpoint(
         (time.perf_counter() - started) * 1000,
     )
     return checkpoint_id
+
+
+async def _yielding(
+    rows: Sequence[Row], to_record: Callable[[Row], tuple[Any, ...]]
+) -> AsyncIterator[tuple[Any, ...]]:
+    """Records for COPY, giving the event loop a turn every few thousand: encoding
+    a million rows in one go would hold every request up for a second or more."""
+    for start in range(0, len(rows), _ROWS_PER_TURN):
+        for row in rows[start : start + _ROWS_PER_TURN]:
+            yield to_record(row)
+        await asyncio.sleep(0)
