@@ -13,6 +13,7 @@ transaction in stockward's own table (see services.write_ahead_commits).
 
 import bisect
 import dataclasses
+import gc
 import itertools
 import logging
 import os
@@ -129,6 +130,10 @@ async def measured(
     """Run one load against one system, with its CPU and commits counted."""
     pids = [system.service.pid, os.getpid()]
     commits_before = await _commits(bench, system)
+    # Start each measurement without garbage from the last, and keep what lives on
+    # out of the collector's way: its pauses would count as the system's latency.
+    gc.collect()
+    gc.freeze()
     with measure_cpu(pids) as cpu:
         result: LoadResult = await run()
     commits_after = await _commits(bench, system)
