@@ -43,6 +43,17 @@ Request = TypeVar("Request", bound=Message)
 DEADLINE_DEFAULT_S = 5.0
 
 
+# gRPC's default reconnect backoff starts at 1 s and grows to 120 s: after a server
+# restart (about a second here) a client would sit idle long after it is back, and
+# the retry budget above would run out first. stockward runs beside its callers,
+# so reconnecting every 100 ms to 2 s costs nothing. (The minimum backoff is left
+# alone: gRPC also uses it as the time a connection attempt may take.)
+CHANNEL_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+]
+
+
 def new_request_id() -> str:
     return uuid.uuid4().hex
 
@@ -89,7 +100,7 @@ class StockwardClient:
         rng: random.Random | None = None,
     ) -> None:
         if isinstance(target, str):
-            self._channel = grpc.aio.insecure_channel(target)
+            self._channel = grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
             self._owns_channel = True
         else:
             self._channel = target
