@@ -32,6 +32,7 @@ SERVING_WAIT_S = 120.0
 # SIGTERM lets stockward drain and checkpoint; a baseline stops at once.
 EXIT_WAIT_S = 60.0
 REDIS_START_WAIT_S = 10.0
+LOG_TAIL_CHARS = 2_000
 
 
 def free_port() -> int:
@@ -70,7 +71,12 @@ class Service:
                 *argv, stdout=sink, stderr=sink, start_new_session=True
             )
         log.info("service started: name=%s pid=%d", self.name, self.process.pid)
-        await self.wait_serving()
+        try:
+            await self.wait_serving()
+        except BaseException:
+            if self.is_running:
+                await self.kill_and_wait()
+            raise
         self.started_to_serving_s = time.monotonic() - started
 
     async def wait_serving(self, timeout_s: float = SERVING_WAIT_S) -> float:
@@ -91,10 +97,17 @@ class Service:
                         return time.monotonic() - started
                 await asyncio.sleep(0.05)
 
+    @property
+    def is_running(self) -> bool:
+        return self.process is not None and self.process.returncode is None
+
+    def log_tail(self) -> str:
+        """The end of its log: enough to show a traceback."""
+        return self.log_path.read_text(errors="replace")[-LOG_TAIL_CHARS:]
+
     def _check_alive(self) -> None:
         if self.process is not None and self.process.returncode is not None:
-            tail = self.log_path.read_text(errors="replace")[-2000:]
-            raise RuntimeError(f"{self.name} exited early:\n{tail}")
+            raise RuntimeError(f"{self.name} exited early:\n{self.log_tail()}")
 
     async def stop(self) -> int:
         """SIGTERM, then SIGKILL if it does not exit in time; its exit code."""

@@ -40,12 +40,16 @@ class System:
     cleanup: Callable[[], Awaitable[None]]
 
     def client(self, batching: Batching | None = None) -> StockwardClient:
-        return StockwardClient(
-            self.service.address,
-            deadline_s=BENCH_DEADLINE_S,
-            retry=BENCH_RETRY,
-            batching=batching,
-        )
+        return bench_client(self.service, batching)
+
+
+def bench_client(service: Service, batching: Batching | None = None) -> StockwardClient:
+    return StockwardClient(
+        service.address,
+        deadline_s=BENCH_DEADLINE_S,
+        retry=BENCH_RETRY,
+        batching=batching,
+    )
 
 
 async def stock(system: System, counts: Iterable[tuple[str, str, int]]) -> None:
@@ -72,7 +76,7 @@ def make_stockward(
     )
 
     async def held(sku: str, location: str) -> int:
-        async with System("", "", service, None, _nothing).client() as client:
+        async with bench_client(service) as client:
             answer = await client.get_availability([sku], locations=[location])
         units: int = answer.skus[0].total.held
         return units

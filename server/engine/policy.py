@@ -362,9 +362,6 @@ class Policies:
                 return group
         return None
 
-    def has_allocation(self, sku: str, channel: str) -> bool:
-        return any(other == channel for other, _ in self.allocations.get(sku, ()))
-
     def add_to_pool(self, key: tuple[str, str, str], delta: int) -> None:
         self.pools[key] = self.pools.get(key, 0) + delta
 

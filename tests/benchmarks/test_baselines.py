@@ -23,11 +23,11 @@ import redis.asyncio as redis
 
 from benchmarks import pg_ceiling
 from benchmarks.baselines import naive_pg, redis_lua
+from benchmarks.services import Service, python_module
 from server.wal.schema import ensure_schema
 from stockward.v1 import admin_pb2, admin_pb2_grpc, inventory_pb2, inventory_pb2_grpc
 from tests.api.client import refusal, refused, status_refusal
 from tests.conftest import DATABASE_URL
-from tests.reliability.server_process import ServerProcess, free_port
 
 REDIS_URL = os.environ.get("STOCKWARD_REDIS_URL", redis_lua.REDIS_URL_DEFAULT)
 
@@ -47,25 +47,9 @@ INSUFFICIENT = inventory_pb2.SHORT_REASON_INSUFFICIENT_STOCK
 OTHER_LINE_SHORT = inventory_pb2.SHORT_REASON_OTHER_LINE_SHORT
 
 
-class BaselineProcess(ServerProcess):
-    """ServerProcess (start, health wait, signals, log tail) for a baseline module
-    instead of `python -m server`: only the command line differs."""
-
-    def __init__(
-        self,
-        *,
-        module: str,
-        args: tuple[str, ...],
-        port: int,
-        log_path: pathlib.Path,
-    ) -> None:
-        super().__init__(database_url="", schema="", port=port, log_path=log_path)
-        self._args = ("-m", module, "--listen", self.address, *args)
-
-
 @dataclasses.dataclass
 class Running:
-    process: BaselineProcess
+    process: Service
     channel: grpc.aio.Channel
     inventory: inventory_pb2_grpc.InventoryServiceStub
     admin: admin_pb2_grpc.StockAdminServiceStub
@@ -77,8 +61,7 @@ BaselineFactory = Callable[..., Awaitable[Running]]
 async def stop(running: Running) -> None:
     """SIGTERM by pid; the baseline must drain and exit 0."""
     await running.channel.close()
-    running.process.terminate()
-    status = await running.process.wait_exit()
+    status = await running.process.stop()
     assert status == 0, f"exit status {status}:\n{running.process.log_tail()}"
 
 
@@ -88,18 +71,9 @@ async def start_baseline(tmp_path: pathlib.Path) -> AsyncIterator[BaselineFactor
     started: list[Running] = []
 
     async def start(name: str, *args: str) -> Running:
-        process = BaselineProcess(
-            module=f"benchmarks.baselines.{name}",
-            args=args,
-            port=free_port(),
-            log_path=tmp_path / f"{name}.log",
-        )
+        argv = python_module(f"benchmarks.baselines.{name}", "--listen", "{address}")
+        process = Service(name, [*argv, *args], tmp_path / f"{name}.log")
         await process.start()
-        try:
-            await process.wait_serving()
-        except BaseException:
-            await process.close()
-            raise
         channel = grpc.aio.insecure_channel(process.address)
         running = Running(
             process=process,
