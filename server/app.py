@@ -15,7 +15,9 @@ from server.api.inventory import InventoryService, StockAdminService
 from server.clock import Clock, SystemClock
 from server.config import Config
 from server.engine.commands import OnHandCount, SetOnHand
+from server.engine.limits import Limits
 from server.ledger import Ledger, LedgerState
+from server.reconciliation import Reconciler
 from server.wal.schema import DATABASE_ERRORS
 from stockward.v1 import admin_pb2, admin_pb2_grpc, inventory_pb2, inventory_pb2_grpc
 
@@ -101,6 +103,13 @@ class App:
         admin_pb2_grpc.add_StockAdminServiceServicer_to_server(
             StockAdminService(
                 ledger=self._ledger,
+                reconciler=Reconciler(
+                    ledger=self._ledger,
+                    pool=self._pool,
+                    clock=self.clock,
+                    config=self.config,
+                    limits=Limits(ttl_default_s=self.config.ttl_default_s),
+                ),
                 clock=self.clock,
                 on_invariant_broken=self._on_invariant_broken,
             ),

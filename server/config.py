@@ -39,6 +39,19 @@ class Config:
     # A checkpoint every so often, once enough records have accumulated since the last.
     checkpoint_interval_s: float = 60.0
     checkpoint_records_min: int = 10_000
+    # Write-ahead records older than this may be deleted once the newest checkpoint
+    # covers them and every ERP bridge has delivered them. A week leaves time to look
+    # into a bad week of ERP numbers and to reconcile an ERP that was down for days.
+    wal_retention_s: int = 7 * 24 * 3600
+    # How often retention looks for records to delete.
+    wal_prune_interval_s: float = 300.0
+    # Records deleted per shard per pass: 100,000 rows is a few seconds of Postgres
+    # work in chunks; a backlog is worked off over the following passes.
+    wal_prune_records_max: int = 100_000
+    # Records read to compare one ERP snapshot, over all shards: a million is some ten
+    # seconds of reading. An ERP further behind gets FAILED_PRECONDITION: its counts
+    # are not worth comparing until it has caught up.
+    erp_unseen_records_max: int = 1_000_000
     # gRPC concurrency: more concurrent RPCs than this are refused RESOURCE_EXHAUSTED.
     max_concurrent_rpcs: int = 2_000
     # SIGTERM: in-flight requests get this long to finish.
@@ -98,3 +111,11 @@ def validate(config: Config) -> None:
         or config.queue_entries_max < config.batch_entries_max
     ):
         raise SystemExit("--queue-entries-max must be at least --batch-entries-max")
+    if config.wal_retention_s < 0 or config.wal_prune_records_max < 1:
+        raise SystemExit(
+            "--wal-retention-s must be 0 or more, --wal-prune-records-max 1 or more"
+        )
+    if config.erp_unseen_records_max < 0:
+        raise SystemExit("--erp-unseen-records-max must be 0 or more")
+    if config.wal_prune_interval_s <= 0:
+        raise SystemExit("--wal-prune-interval-s must be more than 0")

@@ -27,10 +27,17 @@ from server.clock import Clock
 from server.config import Config
 from server.engine.commands import Command, Result
 from server.engine.engine import Decision, Engine, Replay
-from server.engine.errors import EngineError, InvariantBroken, Overloaded, Unavailable
+from server.engine.errors import (
+    EngineError,
+    InvariantBroken,
+    Overloaded,
+    Unavailable,
+    ensure,
+)
 from server.engine.limits import Limits
 from server.wal.checkpoint import store_checkpoint
 from server.wal.recovery import recover
+from server.wal.retention import prune_shard
 from server.wal.schema import (
     DATABASE_ERRORS,
     check_durability,
@@ -60,7 +67,21 @@ class LedgerStats:
     recoveries: int
     checkpoints: int
     records_since_checkpoint: int
+    # Write-ahead records deleted by retention since the server started.
+    records_pruned: int
     writers: tuple[WriterStats, ...]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class DurableCut:
+    """What Postgres holds as of one instant: the last durable seq per shard, and the
+    durable figures of the positions asked for at that same instant."""
+
+    seqs: tuple[int, ...]
+    # (sku, location) -> on-hand
+    on_hand: dict[tuple[str, str], int]
+    # (channel, sku, location) -> held
+    held: dict[tuple[str, str, str], int]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -100,6 +121,7 @@ class Ledger:
         self._recoveries = 0
         self._checkpoints = 0
         self._records_at_checkpoint = 0
+        self._records_pruned = 0
 
     # Lifecycle --------------------------------------------------------------------------
 
@@ -137,6 +159,7 @@ class Ledger:
         self._loops = [
             asyncio.create_task(self._expiry_loop(), name="expiry"),
             asyncio.create_task(self._checkpoint_loop(), name="checkpoint"),
+            asyncio.create_task(self._prune_loop(), name="wal-prune"),
         ]
 
     async def stop(self) -> None:
@@ -370,6 +393,74 @@ class Ledger:
             except DATABASE_ERRORS as error:
                 log.warning("checkpoint failed: error=%r", error)
 
+    # Durable cut -----------------------------------------------------------------------
+
+    def durable_cut(
+        self,
+        positions: Sequence[tuple[str, str]],
+        channel_keys: Sequence[tuple[str, str, str]],
+    ) -> DurableCut:
+        """The durable seqs and figures, read without awaiting: writers mark a whole
+        batch durable (engine state and seq together) within one step of the event
+        loop, so nothing can change between reading the seqs and the figures.
+
+        Held per channel has no pending count in the engine, so it is the decided held
+        less the held deltas of every record still in flight; on-hand is read both
+        ways and must agree.
+        """
+        self._check_serving()
+        engine = self.engine
+        seqs = tuple(writer.durable_seq for writer in self._writers)
+        on_hand_inflight: dict[tuple[str, str], int] = {}
+        held_inflight: dict[tuple[str, str, str], int] = {}
+        for writer in self._writers:
+            for decision in writer.undurable():
+                if decision.record is not None:
+                    _add_effects(decision.record.body, on_hand_inflight, held_inflight)
+
+        on_hand: dict[tuple[str, str], int] = {}
+        for at in positions:
+            durable = engine.durable_on_hand(*at)
+            ensure(
+                durable == engine.on_hand(*at) - on_hand_inflight.get(at, 0),
+                f"durable on-hand of {at} disagrees with the records in flight",
+            )
+            on_hand[at] = durable
+        held = {
+            key: engine.channel_held.get(key, 0) - held_inflight.get(key, 0)
+            for key in channel_keys
+        }
+        return DurableCut(seqs=seqs, on_hand=on_hand, held=held)
+
+    # Record retention -------------------------------------------------------------------
+
+    async def prune_records(self) -> int:
+        """Delete the write-ahead records nothing needs any more (see retention.py);
+        returns how many."""
+        pruned = 0
+        for shard in range(self._config.shards):
+            async with self._pool.acquire() as conn:
+                count = await prune_shard(
+                    conn,
+                    shard=shard,
+                    retention_s=self._config.wal_retention_s,
+                    records_max=self._config.wal_prune_records_max,
+                    timeout_s=self._config.database_timeout_s,
+                )
+            if count:
+                log.info("wal pruned: shard=%d records=%d", shard, count)
+            pruned += count
+        self._records_pruned += pruned
+        return pruned
+
+    async def _prune_loop(self) -> None:
+        while True:
+            await self._clock.sleep(self._config.wal_prune_interval_s)
+            try:
+                await self.prune_records()
+            except DATABASE_ERRORS as error:
+                log.warning("wal prune failed: error=%r", error)
+
     # Recovery ---------------------------------------------------------------------------
 
     def _on_write_failure(self, error: BaseException) -> None:
@@ -475,5 +566,22 @@ class Ledger:
             recoveries=self._recoveries,
             checkpoints=self._checkpoints,
             records_since_checkpoint=self._records_since_checkpoint(),
+            records_pruned=self._records_pruned,
             writers=tuple(w.stats() for w in self._writers),
         )
+
+
+def _add_effects(
+    body: dict[str, Any],
+    on_hand: dict[tuple[str, str], int],
+    held: dict[tuple[str, str, str], int],
+) -> None:
+    """Add a record's stock effects: on-hand per position, held per channel."""
+    reservation = body.get("rsv")
+    channel = reservation["channel"] if reservation else ""
+    for sku, location, on_hand_delta, held_delta in body.get("fx", ()):
+        at = (sku, location)
+        on_hand[at] = on_hand.get(at, 0) + on_hand_delta
+        if held_delta:
+            key = (channel, sku, location)
+            held[key] = held.get(key, 0) + held_delta

@@ -163,6 +163,49 @@ def set_on_hand(request: admin_pb2.SetOnHandRequest) -> cmd.SetOnHand:
     )
 
 
+def is_erp_snapshot(request: admin_pb2.SetOnHandRequest) -> bool:
+    return request.erp_snapshot or bool(request.erp_applied_batch_ids)
+
+
+def reconcile_on_hand(request: admin_pb2.SetOnHandRequest) -> cmd.ReconcileOnHand:
+    return cmd.ReconcileOnHand(
+        source=request.source,
+        source_event_id=request.source_event_id,
+        counts=tuple(
+            cmd.ErpCount(
+                sku=item.sku,
+                location=item.location,
+                on_hand=item.on_hand,
+                held_by_channel=tuple(
+                    cmd.ChannelHeld(channel=x.channel, held=x.held)
+                    for x in item.held_by_channel
+                ),
+            )
+            for item in request.counts
+        ),
+        erp_applied_batch_ids=tuple(request.erp_applied_batch_ids),
+        apply_correction=request.apply_correction,
+    )
+
+
+def divergence(
+    value: cmd.Divergence, *, source: str, source_event_id: str
+) -> admin_pb2.Divergence:
+    return admin_pb2.Divergence(
+        sku=value.sku,
+        location=value.location,
+        channel=value.channel,
+        stockward=value.stockward,
+        erp=value.erp,
+        erp_unseen=value.erp_unseen,
+        difference=value.difference,
+        observed_at=timestamp(value.observed_us),
+        source=source,
+        source_event_id=source_event_id,
+        corrected=value.corrected,
+    )
+
+
 def set_safety_stock(request: admin_pb2.SetSafetyStockRequest) -> cmd.SetSafetyStock:
     return cmd.SetSafetyStock(
         actor=request.actor,

@@ -13,6 +13,7 @@ from server.engine.commands import check_count, check_id
 from server.engine.errors import EngineError, InvalidArgument, InvariantBroken
 from server.ledger import Ledger
 from server.logs import request_context
+from server.reconciliation import Reconciler
 from stockward.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -233,6 +234,26 @@ class InventoryService(inventory_pb2_grpc.InventoryServiceServicer):
         return inventory_pb2.ExecuteBatchResponse(results=results)
 
 
+def _check_plain_count(request: admin_pb2.SetOnHandRequest) -> None:
+    """Fields that only mean something for an ERP snapshot are refused on a plain
+    count rather than ignored: the caller expected a comparison."""
+    if request.apply_correction:
+        raise InvalidArgument(
+            "NOT_AN_ERP_SNAPSHOT",
+            "apply_correction needs an ERP snapshot (erp_snapshot or "
+            "erp_applied_batch_ids)",
+            field="apply_correction",
+        )
+    for index, count in enumerate(request.counts):
+        if count.held_by_channel:
+            raise InvalidArgument(
+                "NOT_AN_ERP_SNAPSHOT",
+                "held_by_channel is compared only in an ERP snapshot (erp_snapshot or "
+                "erp_applied_batch_ids)",
+                field=f"counts[{index}].held_by_channel",
+            )
+
+
 def _batch_command(
     item: inventory_pb2.Command, index: int
 ) -> cmd.Command | EngineError:
@@ -291,10 +312,12 @@ class StockAdminService(admin_pb2_grpc.StockAdminServiceServicer):
         self,
         *,
         ledger: Ledger,
+        reconciler: Reconciler,
         clock: Clock,
         on_invariant_broken: Callable[[BaseException], None],
     ) -> None:
         self._ledger = ledger
+        self._reconciler = reconciler
         self._clock = clock
         self.on_invariant_broken = on_invariant_broken
 
@@ -316,9 +339,43 @@ class StockAdminService(admin_pb2_grpc.StockAdminServiceServicer):
     async def SetOnHand(
         self, request: admin_pb2.SetOnHandRequest, context: Context
     ) -> admin_pb2.SetOnHandResponse:
-        result = await self._stock(convert.set_on_hand(request))
+        if convert.is_erp_snapshot(request):
+            result = await self._reconciler.reconcile(
+                convert.reconcile_on_hand(request)
+            )
+        else:
+            _check_plain_count(request)
+            result = await self._stock(convert.set_on_hand(request))
         return admin_pb2.SetOnHandResponse(
-            positions=convert.positions(result), replayed=result.replayed
+            positions=convert.positions(result),
+            replayed=result.replayed,
+            divergences=[
+                convert.divergence(
+                    item,
+                    source=request.source,
+                    source_event_id=request.source_event_id,
+                )
+                for item in result.divergences
+            ],
+        )
+
+    @guarded
+    async def ListDivergence(
+        self, request: admin_pb2.ListDivergenceRequest, context: Context
+    ) -> admin_pb2.ListDivergenceResponse:
+        rows, token = await self._reconciler.list_divergences(
+            sku=request.sku, page_size=request.page_size, page_token=request.page_token
+        )
+        return admin_pb2.ListDivergenceResponse(
+            divergences=[
+                convert.divergence(
+                    row.divergence,
+                    source=row.source,
+                    source_event_id=row.source_event_id,
+                )
+                for row in rows
+            ],
+            next_page_token=token,
         )
 
     async def _policy(self, command: cmd.PolicyCommand) -> bool:

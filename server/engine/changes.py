@@ -1,17 +1,20 @@
 """Changes to held stock and on-hand: confirm, extend, move, release, fulfil, expire,
 and stock adjustments and counts."""
 
+import dataclasses
 from typing import Any
 
 from server.engine.commands import (
     AdjustmentReason,
     AdjustStock,
     Confirm,
+    Divergence,
     Extend,
     Fulfill,
     LineQuantity,
     Move,
     PositionSnapshot,
+    ReconcileOnHand,
     Release,
     ReservationCommand,
     ReservationResult,
@@ -22,6 +25,8 @@ from server.engine.commands import (
 from server.engine.errors import (
     FailedPrecondition,
     InvalidArgument,
+    Unavailable,
+    ensure,
 )
 from server.engine.model import (
     Position,
@@ -31,6 +36,11 @@ from server.engine.model import (
 )
 from server.engine.shard import shard_of
 from server.engine.state import US_PER_S, Decision, EngineState
+
+# The record kind of a correction from an ERP snapshot. The ERP feed must never send
+# these back (they would move the ERP by the same amount twice); it knows them by this
+# name, which server/wal/feed.py spells RECONCILE_KIND (checked where both are seen).
+CORRECTION_KIND = "reconcile"
 
 
 class Changing(EngineState):
@@ -439,6 +449,115 @@ class Changing(EngineState):
         decision.on_hand_pending = on_hand_pending
         decision.inbound_pending = inbound_pending
         return decision
+
+    def _reconcile(self, command: ReconcileOnHand, key: tuple[str, str]) -> Decision:
+        """Answer an ERP snapshot with its findings and, if asked, move each diverging
+        on-hand by minus its difference. The move is a delta from the cut the findings
+        were taken at: what was decided since then reaches the ERP through its feed."""
+        if not command.findings:
+            # The stored answer it was compared for was forgotten (past retention)
+            # between the server's look-up and this decision; comparing again fixes it.
+            raise Unavailable(
+                "SNAPSHOT_NOT_COMPARED", "the snapshot must be compared again; retry"
+            )
+        on_hand = [f for f in command.findings if not f.channel]
+        ensure(
+            [(f.sku, f.location) for f in on_hand]
+            == [(c.sku, c.location) for c in command.counts],
+            "an ERP snapshot's findings do not match its counts",
+        )
+        deltas = {(f.sku, f.location): -f.difference for f in on_hand if f.difference}
+        if not command.apply_correction or not deltas:
+            result = StockResult(
+                tuple(self._count_snapshot(c.sku, c.location) for c in command.counts),
+                divergences=command.findings,
+            )
+            return self._answer(key, command, result, shard=0)
+
+        self._check_correction(deltas, command)
+        findings = tuple(
+            dataclasses.replace(f, corrected=(not f.channel and f.difference != 0))
+            for f in command.findings
+        )
+        return self._correct(deltas, command, key, findings)
+
+    def _check_correction(
+        self, deltas: dict[tuple[str, str], int], command: ReconcileOnHand
+    ) -> None:
+        index = {(c.sku, c.location): i for i, c in enumerate(command.counts)}
+        for at, delta in deltas.items():
+            after = self._on_hand(*at) + delta
+            field = f"counts[{index[at]}].on_hand"
+            if after < 0:
+                raise FailedPrecondition(
+                    "ON_HAND_WOULD_GO_NEGATIVE",
+                    f"the correction of {delta} would take on-hand of {at[0]} at "
+                    f"{at[1]} to {after}",
+                    field=field,
+                )
+            if after > self.limits.on_hand_max:
+                raise FailedPrecondition(
+                    "ON_HAND_TOO_LARGE",
+                    f"the correction of {delta} would take on-hand of {at[0]} at "
+                    f"{at[1]} to {after}; at most {self.limits.on_hand_max}",
+                    field=field,
+                )
+
+    def _correct(
+        self,
+        deltas: dict[tuple[str, str], int],
+        command: ReconcileOnHand,
+        key: tuple[str, str],
+        findings: tuple[Divergence, ...],
+    ) -> Decision:
+        now_us = self._clock.now_us()
+        fx: list[list[Any]] = []
+        gains: list[tuple[Position, int]] = []
+        on_hand_pending: list[tuple[Position, int]] = []
+        for (sku, location), delta in deltas.items():
+            position = self.shards[shard_of(sku, len(self.shards))].position_or_new(
+                sku, location
+            )
+            self.locations.add(location)
+            position.on_hand += delta
+            position.on_hand_pending += delta
+            on_hand_pending.append((position, delta))
+            if delta > 0:
+                position.withheld += delta
+                gains.append((position, delta))
+            position.check()
+            fx.append([sku, location, delta, 0])
+
+        home = shard_of(next(iter(deltas))[0], len(self.shards))
+        body: dict[str, Any] = {"fx": fx, "src": command.source}
+        record = self._stock_record(home, CORRECTION_KIND, body, now_us)
+        snapshots = tuple(
+            self._count_snapshot(c.sku, c.location, pending=gains)
+            for c in command.counts
+        )
+        result = StockResult(snapshots, divergences=findings)
+        decision = self._decision(key, command, result, record=record, gains=gains)
+        decision.on_hand_pending = on_hand_pending
+        return decision
+
+    def _count_snapshot(
+        self,
+        sku: str,
+        location: str,
+        *,
+        pending: list[tuple[Position, int]] | None = None,
+    ) -> PositionSnapshot:
+        position = self.shards[shard_of(sku, len(self.shards))].position(sku, location)
+        if position is None:
+            return PositionSnapshot(sku, location, 0, 0, 0)
+        return self._snapshot(position, pending=pending or [])
+
+    def durable_on_hand(self, sku: str, location: str) -> int:
+        return self._durable_on_hand(sku, location)
+
+    def on_hand(self, sku: str, location: str) -> int:
+        """On-hand as decided, with changes whose writes are in flight."""
+        return self._on_hand(sku, location)
 
     def _receive_inbound(self, command: AdjustStock) -> list[list[Any]]:
         """Receipts take their units off the inbound supply they fulfil, recorded as

@@ -265,8 +265,78 @@ class SetChannels:
     channels: tuple[ChannelEntry, ...]
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class ChannelHeld:
+    channel: str
+    held: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ErpCount:
+    """One position as an ERP snapshot counts it: on-hand, and optionally held per
+    channel."""
+
+    sku: str
+    location: str
+    on_hand: int
+    held_by_channel: tuple[ChannelHeld, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Divergence:
+    """One figure compared between stockward and an ERP snapshot.
+
+    `stockward` is the durable figure at the cut, `erp` the snapshot's, `erp_unseen`
+    what the ERP had not booked by then. The channel is empty for on-hand.
+    """
+
+    sku: str
+    location: str
+    channel: str
+    stockward: int
+    erp: int
+    erp_unseen: int
+    observed_us: int
+    corrected: bool = False
+
+    @property
+    def difference(self) -> int:
+        return self.stockward - (self.erp + self.erp_unseen)
+
+    def to_json(self) -> list[Any]:
+        return [
+            self.sku,
+            self.location,
+            self.channel,
+            self.stockward,
+            self.erp,
+            self.erp_unseen,
+            self.observed_us,
+            self.corrected,
+        ]
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ReconcileOnHand:
+    """An ERP snapshot compared with stockward, and corrected for if asked.
+
+    The server fills `findings` between its durable cut and the decision; they are
+    left out of the fingerprint (repr=False), which covers only what the caller sent.
+    """
+
+    source: str
+    source_event_id: str
+    counts: tuple[ErpCount, ...]
+    # As the caller sent them; validated and parsed by the server before deciding.
+    erp_applied_batch_ids: tuple[str, ...]
+    apply_correction: bool
+    findings: tuple[Divergence, ...] = dataclasses.field(default=(), repr=False)
+
+
 ReservationCommand = Confirm | Release | Fulfill | Extend | Move
 StockCommand = AdjustStock | SetOnHand
+# Commands idempotent on (source, source_event_id).
+SourcedCommand = AdjustStock | SetOnHand | ReconcileOnHand
 PolicyCommand = (
     SetSafetyStock
     | SetChannelBuffer
@@ -279,7 +349,7 @@ PolicyCommand = (
     | SetChannelPreorders
     | SetChannels
 )
-Command = Reserve | ReservationCommand | StockCommand | PolicyCommand
+Command = Reserve | ReservationCommand | SourcedCommand | PolicyCommand
 
 
 # Results ------------------------------------------------------------------------------
@@ -364,12 +434,18 @@ class PositionSnapshot:
 class StockResult:
     positions: tuple[PositionSnapshot, ...]
     replayed: bool = False
+    # ERP snapshots only: what the comparison found, per count and channel figure.
+    divergences: tuple[Divergence, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        body: dict[str, Any] = {
             "type": "stock",
             "positions": [dataclasses.astuple(p) for p in self.positions],
         }
+        # Only when there are any, so that plain counts store what they always did.
+        if self.divergences:
+            body["divergences"] = [d.to_json() for d in self.divergences]
+        return body
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -414,7 +490,12 @@ def result_from_json(body: dict[str, Any], *, replayed: bool) -> Result:
         return PolicyResult(control_id=body.get("control_id", ""), replayed=replayed)
     if body["type"] == "stock":
         positions = tuple(PositionSnapshot(*fields) for fields in body["positions"])
-        return StockResult(positions=positions, replayed=replayed)
+        divergences = tuple(
+            Divergence(*fields) for fields in body.get("divergences", ())
+        )
+        return StockResult(
+            positions=positions, replayed=replayed, divergences=divergences
+        )
     raise ValueError(f"unknown stored result type {body['type']!r}")
 
 
@@ -424,7 +505,7 @@ def fingerprint(command: Command) -> str:
     The dataclass repr lists every field in declaration order, so it is stable across
     processes and releases as long as the command's fields do not change.
     """
-    if isinstance(command, StockCommand):
+    if isinstance(command, SourcedCommand):
         keyless: Command = dataclasses.replace(command, source_event_id="")
     elif isinstance(command, PolicyCommand):
         keyless = dataclasses.replace(command, change_id="")
@@ -674,6 +755,48 @@ def _validate_counts(command: SetOnHand, limits: Limits) -> None:
                 field=field,
             )
         seen.add((count.sku, count.location))
+
+
+def validate_reconcile(command: ReconcileOnHand, limits: Limits) -> None:
+    """The counts of an ERP snapshot; its batch ids are checked by the server, which
+    knows the streams."""
+    check_id(command.source, field="source", length_max=limits.source_length_max)
+    check_id(
+        command.source_event_id,
+        field="source_event_id",
+        length_max=limits.request_id_length_max,
+    )
+    plain = SetOnHand(
+        source=command.source,
+        source_event_id=command.source_event_id,
+        counts=tuple(OnHandCount(c.sku, c.location, c.on_hand) for c in command.counts),
+    )
+    _validate_counts(plain, limits)
+    for index, count in enumerate(command.counts):
+        _validate_channel_held(count, field=f"counts[{index}]", limits=limits)
+
+
+def _validate_channel_held(count: ErpCount, *, field: str, limits: Limits) -> None:
+    check_count(
+        len(count.held_by_channel),
+        field=f"{field}.held_by_channel",
+        count_max=limits.channels_per_count_max,
+        required=False,
+    )
+    seen: set[str] = set()
+    for index, item in enumerate(count.held_by_channel):
+        path = f"{field}.held_by_channel[{index}]"
+        check_id(
+            item.channel, field=f"{path}.channel", length_max=limits.channel_length_max
+        )
+        _check_units(item.held, field=f"{path}.held", limits=limits)
+        if item.channel in seen:
+            raise InvalidArgument(
+                "DUPLICATE_CHANNEL",
+                f"{path} names channel {item.channel} a second time",
+                field=f"{path}.channel",
+            )
+        seen.add(item.channel)
 
 
 def _check_position_ids(sku: str, location: str, field: str, limits: Limits) -> None:

@@ -19,11 +19,13 @@ from server.engine.changes import Changing
 from server.engine.commands import (
     Command,
     PolicyCommand,
+    ReconcileOnHand,
     Reserve,
     StockCommand,
     check_count,
     check_id,
     validate_policy_command,
+    validate_reconcile,
     validate_reservation_command,
     validate_reserve,
     validate_stock_command,
@@ -78,6 +80,10 @@ class Engine(Reserving, Changing, Ruling, Restoring):
             validate_stock_command(command, self.limits)
             key = ("src:" + command.source, command.source_event_id)
             return self._replay(key, command) or self._stock(command, key)
+        if isinstance(command, ReconcileOnHand):
+            validate_reconcile(command, self.limits)
+            key = ("src:" + command.source, command.source_event_id)
+            return self._replay(key, command) or self._reconcile(command, key)
         if isinstance(command, PolicyCommand):
             validate_policy_command(command, self.limits)
             key = ("pol:" + command.actor, command.change_id)
@@ -107,6 +113,12 @@ class Engine(Reserving, Changing, Ruling, Restoring):
             ensure(not remembered.durable, "a request was made durable twice")
             remembered.durable = True
             self._undurable -= 1
+
+    def replay_of(self, command: ReconcileOnHand) -> Replay | None:
+        """The stored answer if this snapshot was compared before, without deciding:
+        a retry must not need the records the first attempt read."""
+        validate_reconcile(command, self.limits)
+        return self._replay(("src:" + command.source, command.source_event_id), command)
 
     # Reads ------------------------------------------------------------------------------
 

@@ -28,6 +28,9 @@ class Limits:
     # Stock messages per call, like batch commands.
     adjustments_per_request_max: int = 1_000
     skus_per_availability_query_max: int = 1_000
+    # Channel figures per counted position in an ERP snapshot: more channels than this
+    # selling one sku at one location is a misconfigured feed, not a business.
+    channels_per_count_max: int = 64
     page_size_default: int = 100
     page_size_max: int = 1_000
     # Pending holds: long enough for a checkout with payment redirects, short enough

@@ -18,7 +18,7 @@ from server.engine.commands import (
     Command,
     PolicyCommand,
     Result,
-    StockCommand,
+    SourcedCommand,
     fingerprint,
     result_from_json,
 )
@@ -218,7 +218,7 @@ class EngineState:
             return None
         if remembered.fingerprint != fingerprint(command):
             field = "request_id"
-            if isinstance(command, StockCommand):
+            if isinstance(command, SourcedCommand):
                 field = "source_event_id"
             elif isinstance(command, PolicyCommand):
                 field = "change_id"

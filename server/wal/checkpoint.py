@@ -4,8 +4,7 @@ The ledger takes the rows while no write is in flight (see Engine.checkpoint_row
 module only stores them. A checkpoint counts once its row says complete, and older
 checkpoints are dropped in the same transaction.
 
-Known shortcoming: wal_records are never deleted; the table grows by one row per
-commitment until the ERP bridge (which reads them) owns their retention.
+Records the newest checkpoint covers stay until retention (retention.py) deletes them.
 """
 
 import asyncio

@@ -5,6 +5,19 @@ one writer, which starts a transaction only after the previous one committed, so
 record with a higher seq is never visible before a lower one. request_log keeps the
 answer to every mutating request for idempotent replay. A checkpoint is the state as of
 a seq per shard; recovery loads the newest complete one and replays the records after it.
+Records stay until retention (retention.py) finds them old, checkpointed and delivered.
+
+The bridge tables belong to `erp_bridge` (see erp_bridge/store.py) but are created here,
+with the rest, because the server reads them too: reconciliation needs to know what the
+ERP was sent, and retention must keep every record a bridge has not yet delivered.
+bridge_cursors holds, per bridge name and shard, the stream position the ERP has
+acknowledged and the end of the batch planned after it, which a restart resends as is.
+bridge_dead_letters holds the lines the ERP refused, with its reason, until an operator
+retries or discards them; status is one of dead, retrying, resolved, discarded.
+
+erp_divergence is the server's report of where the ERP's last snapshot of a position
+disagreed with stockward (see server/wal/divergence.py): one row per sku, location and
+channel ('' for on-hand), removed when a later snapshot agrees.
 """
 
 import asyncio
@@ -66,6 +79,53 @@ CREATE TABLE IF NOT EXISTS checkpoint_reservations (
 );
 CREATE INDEX IF NOT EXISTS checkpoint_reservations_id
     ON checkpoint_reservations (checkpoint_id);
+CREATE TABLE IF NOT EXISTS bridge_cursors (
+    name text NOT NULL,
+    shard smallint NOT NULL,
+    acked_seq bigint NOT NULL DEFAULT 0,
+    acked_line integer NOT NULL DEFAULT 0,
+    acked_batch_id text NOT NULL DEFAULT '',
+    acked_at timestamptz,
+    inflight_seq bigint,
+    inflight_line integer,
+    inflight_feed text,
+    PRIMARY KEY (name, shard)
+);
+CREATE TABLE IF NOT EXISTS bridge_dead_letters (
+    id bigserial PRIMARY KEY,
+    name text NOT NULL,
+    shard smallint NOT NULL,
+    batch_id text NOT NULL,
+    end_seq bigint NOT NULL,
+    end_line integer NOT NULL,
+    line_id text NOT NULL,
+    line jsonb NOT NULL,
+    reason text NOT NULL,
+    message text NOT NULL,
+    attempts integer NOT NULL DEFAULT 1,
+    status text NOT NULL,
+    retry_batch_id text,
+    first_failed_at timestamptz NOT NULL DEFAULT now(),
+    last_failed_at timestamptz NOT NULL DEFAULT now(),
+    resolved_at timestamptz,
+    UNIQUE (name, line_id)
+);
+CREATE INDEX IF NOT EXISTS bridge_dead_letters_status
+    ON bridge_dead_letters (name, status, id);
+CREATE TABLE IF NOT EXISTS erp_divergence (
+    sku text NOT NULL,
+    location text NOT NULL,
+    channel text NOT NULL,
+    stockward bigint NOT NULL,
+    erp bigint NOT NULL,
+    erp_unseen bigint NOT NULL,
+    difference bigint NOT NULL,
+    observed_us bigint NOT NULL,
+    source text NOT NULL,
+    source_event_id text NOT NULL,
+    corrected boolean NOT NULL,
+    PRIMARY KEY (sku, location, channel)
+);
 """
 
 # What a database call can fail with: server errors, a broken or closed connection, the

@@ -18,7 +18,7 @@ import collections
 import dataclasses
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import asyncpg
 
@@ -88,8 +88,14 @@ class ShardWriter:
         self._idle.set()
         self._failed = False
         self._closing = False
-        # The seq of the last record this shard made durable.
+        # The seq of the last record this shard handed to Postgres.
         self._last_seq = last_seq
+        # The seq of the last record marked durable in the engine. It moves in the
+        # same step of the event loop as the engine's marks, so that a reader between
+        # two steps sees a seq and engine state that agree (see reconciliation.py).
+        self._durable_seq = last_seq
+        # The batch being committed: decided, out of the queue, not durable yet.
+        self._writing: list[Decision] = []
         self._queued_peak = 0
         self._batches = 0
         self._entries = 0
@@ -99,6 +105,16 @@ class ShardWriter:
     @property
     def queued(self) -> int:
         return len(self._queue)
+
+    @property
+    def durable_seq(self) -> int:
+        return self._durable_seq
+
+    def undurable(self) -> Iterator[Decision]:
+        """Every decision handed to this writer and not yet marked durable."""
+        yield from self._writing
+        for decision, _ in self._queue:
+            yield decision
 
     @property
     def has_room(self) -> bool:
@@ -180,6 +196,7 @@ class ShardWriter:
 
     async def _write(self, batch: list[tuple[Decision, asyncio.Future[None]]]) -> bool:
         decisions = [decision for decision, _ in batch]
+        self._writing = decisions
         records = [d.record for d in decisions if d.record is not None]
         for record in records:
             ensure(
@@ -200,6 +217,7 @@ class ShardWriter:
                 error,
             )
             self._failed = True
+            self._writing = []
             for _, future in batch:
                 if not future.done():
                     future.set_exception(
@@ -215,8 +233,13 @@ class ShardWriter:
         self._batches += 1
         self._entries += len(batch)
         self._batch_entries_peak = max(self._batch_entries_peak, len(batch))
+        # No await from here to the end: the marks, the durable seq and the end of
+        # `_writing` change together.
+        self._writing = []
         for decision, future in batch:
             self._on_durable(decision)
+            if decision.record is not None:
+                self._durable_seq = decision.record.seq
             if not future.done():
                 future.set_result(None)
         return True

@@ -42,6 +42,7 @@ from server.engine.commands import (
     Move,
     OnHandCount,
     PolicyCommand,
+    ReconcileOnHand,
     Release,
     Reserve,
     ReserveLine,
@@ -698,7 +699,7 @@ class RandomCommands:
 
     def reuse_key(self, earlier: Command) -> Command:
         """A new command under an earlier command's idempotency key."""
-        if isinstance(earlier, AdjustStock | SetOnHand):
+        if isinstance(earlier, AdjustStock | SetOnHand | ReconcileOnHand):
             fresh = self.adjust() if self.rng.random() < 0.5 else self.set_on_hand()
             return dataclasses.replace(
                 fresh, source=earlier.source, source_event_id=earlier.source_event_id

@@ -191,26 +191,60 @@ class AdjustStockResponse(_message.Message):
 Global___AdjustStockResponse: _TypeAlias = AdjustStockResponse  # noqa: Y015
 
 @_typing.final
+class ChannelHeld(_message.Message):
+    """Units the ERP books as held for one channel at a position."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    HELD_FIELD_NUMBER: _builtins.int
+    channel: _builtins.str
+    held: _builtins.int
+    """Zero or more."""
+    def __init__(
+        self,
+        *,
+        channel: _builtins.str = ...,
+        held: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "held", b"held"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ChannelHeld: _TypeAlias = ChannelHeld  # noqa: Y015
+
+@_typing.final
 class OnHandCount(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     SKU_FIELD_NUMBER: _builtins.int
     LOCATION_FIELD_NUMBER: _builtins.int
     ON_HAND_FIELD_NUMBER: _builtins.int
+    HELD_BY_CHANNEL_FIELD_NUMBER: _builtins.int
     sku: _builtins.str
     location: _builtins.str
     on_hand: _builtins.int
     """Zero or more."""
+    @_builtins.property
+    def held_by_channel(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChannelHeld]:
+        """ERP snapshots only, optional: held per channel as the ERP books it, compared with
+        stockward's held for that channel like on_hand. Channels not listed are not
+        compared. Never corrected by apply_correction.
+        """
+
     def __init__(
         self,
         *,
         sku: _builtins.str = ...,
         location: _builtins.str = ...,
         on_hand: _builtins.int = ...,
+        held_by_channel: _abc.Iterable[Global___ChannelHeld] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["location", b"location", "on_hand", b"on_hand", "sku", b"sku"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["held_by_channel", b"held_by_channel", "location", b"location", "on_hand", b"on_hand", "sku", b"sku"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -223,24 +257,108 @@ class SetOnHandRequest(_message.Message):
     SOURCE_FIELD_NUMBER: _builtins.int
     SOURCE_EVENT_ID_FIELD_NUMBER: _builtins.int
     COUNTS_FIELD_NUMBER: _builtins.int
+    ERP_APPLIED_BATCH_IDS_FIELD_NUMBER: _builtins.int
+    ERP_SNAPSHOT_FIELD_NUMBER: _builtins.int
+    APPLY_CORRECTION_FIELD_NUMBER: _builtins.int
     source: _builtins.str
     source_event_id: _builtins.str
+    erp_snapshot: _builtins.bool
+    """An ERP snapshot although no id is given (the ERP has applied no batch yet)."""
+    apply_correction: _builtins.bool
+    """ERP snapshots only: move stockward's on-hand by minus each on-hand difference.
+    Refused as a whole (FAILED_PRECONDITION) if any position would leave its range.
+    """
     @_builtins.property
     def counts(self) -> _containers.RepeatedCompositeFieldContainer[Global___OnHandCount]: ...
+    @_builtins.property
+    def erp_applied_batch_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The last batch the ERP applied on each stream it is fed ("<bridge>.s<shard>.
+        <seq>.<line>-<seq>.<line>"), at most one per shard, all of one bridge. Dead-letter
+        retry batches ("<bridge>.retry....") are accepted and ignored. A shard without
+        an id counts as seen by the ERP not at all. Any id makes the request an ERP
+        snapshot.
+        """
+
     def __init__(
         self,
         *,
         source: _builtins.str = ...,
         source_event_id: _builtins.str = ...,
         counts: _abc.Iterable[Global___OnHandCount] | None = ...,
+        erp_applied_batch_ids: _abc.Iterable[_builtins.str] | None = ...,
+        erp_snapshot: _builtins.bool = ...,
+        apply_correction: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["counts", b"counts", "source", b"source", "source_event_id", b"source_event_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["apply_correction", b"apply_correction", "counts", b"counts", "erp_applied_batch_ids", b"erp_applied_batch_ids", "erp_snapshot", b"erp_snapshot", "source", b"source", "source_event_id", b"source_event_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SetOnHandRequest: _TypeAlias = SetOnHandRequest  # noqa: Y015
+
+@_typing.final
+class Divergence(_message.Message):
+    """One figure on which stockward and the ERP disagree (or, in a SetOnHandResponse,
+    agree: difference 0).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SKU_FIELD_NUMBER: _builtins.int
+    LOCATION_FIELD_NUMBER: _builtins.int
+    CHANNEL_FIELD_NUMBER: _builtins.int
+    STOCKWARD_FIELD_NUMBER: _builtins.int
+    ERP_FIELD_NUMBER: _builtins.int
+    ERP_UNSEEN_FIELD_NUMBER: _builtins.int
+    DIFFERENCE_FIELD_NUMBER: _builtins.int
+    OBSERVED_AT_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    SOURCE_EVENT_ID_FIELD_NUMBER: _builtins.int
+    CORRECTED_FIELD_NUMBER: _builtins.int
+    sku: _builtins.str
+    location: _builtins.str
+    channel: _builtins.str
+    """Empty: on-hand. Otherwise held for this channel."""
+    stockward: _builtins.int
+    """stockward's durable figure at the instant the snapshot was compared."""
+    erp: _builtins.int
+    """The ERP's figure as sent."""
+    erp_unseen: _builtins.int
+    """What the ERP had not booked: lines after its last applied batch, plus lines it
+    refused before that point.
+    """
+    difference: _builtins.int
+    """stockward - (erp + erp_unseen)."""
+    source: _builtins.str
+    """The snapshot that found it."""
+    source_event_id: _builtins.str
+    corrected: _builtins.bool
+    """On-hand moved by -difference by that snapshot (apply_correction)."""
+    @_builtins.property
+    def observed_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        sku: _builtins.str = ...,
+        location: _builtins.str = ...,
+        channel: _builtins.str = ...,
+        stockward: _builtins.int = ...,
+        erp: _builtins.int = ...,
+        erp_unseen: _builtins.int = ...,
+        difference: _builtins.int = ...,
+        observed_at: _timestamp_pb2.Timestamp | None = ...,
+        source: _builtins.str = ...,
+        source_event_id: _builtins.str = ...,
+        corrected: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["observed_at", b"observed_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "corrected", b"corrected", "difference", b"difference", "erp", b"erp", "erp_unseen", b"erp_unseen", "location", b"location", "observed_at", b"observed_at", "sku", b"sku", "source", b"source", "source_event_id", b"source_event_id", "stockward", b"stockward"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Divergence: _TypeAlias = Divergence  # noqa: Y015
 
 @_typing.final
 class SetOnHandResponse(_message.Message):
@@ -248,22 +366,80 @@ class SetOnHandResponse(_message.Message):
 
     POSITIONS_FIELD_NUMBER: _builtins.int
     REPLAYED_FIELD_NUMBER: _builtins.int
+    DIVERGENCES_FIELD_NUMBER: _builtins.int
     replayed: _builtins.bool
     @_builtins.property
     def positions(self) -> _containers.RepeatedCompositeFieldContainer[Global___PositionSnapshot]: ...
+    @_builtins.property
+    def divergences(self) -> _containers.RepeatedCompositeFieldContainer[Global___Divergence]:
+        """ERP snapshots only: one per count, and one per channel figure given."""
+
     def __init__(
         self,
         *,
         positions: _abc.Iterable[Global___PositionSnapshot] | None = ...,
         replayed: _builtins.bool = ...,
+        divergences: _abc.Iterable[Global___Divergence] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["positions", b"positions", "replayed", b"replayed"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["divergences", b"divergences", "positions", b"positions", "replayed", b"replayed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SetOnHandResponse: _TypeAlias = SetOnHandResponse  # noqa: Y015
+
+@_typing.final
+class ListDivergenceRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    SKU_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """0: the default page size."""
+    page_token: _builtins.str
+    """From the previous response; empty for the first page."""
+    sku: _builtins.str
+    """Optional: one sku only."""
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        sku: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token", "sku", b"sku"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDivergenceRequest: _TypeAlias = ListDivergenceRequest  # noqa: Y015
+
+@_typing.final
+class ListDivergenceResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DIVERGENCES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page."""
+    @_builtins.property
+    def divergences(self) -> _containers.RepeatedCompositeFieldContainer[Global___Divergence]: ...
+    def __init__(
+        self,
+        *,
+        divergences: _abc.Iterable[Global___Divergence] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["divergences", b"divergences", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDivergenceResponse: _TypeAlias = ListDivergenceResponse  # noqa: Y015
 
 @_typing.final
 class PolicyAttribution(_message.Message):

@@ -44,6 +44,11 @@ class StockAdminServiceStub:
                 request_serializer=stockward_dot_v1_dot_admin__pb2.SetOnHandRequest.SerializeToString,
                 response_deserializer=stockward_dot_v1_dot_admin__pb2.SetOnHandResponse.FromString,
                 _registered_method=True)
+        self.ListDivergence = channel.unary_unary(
+                '/stockward.v1.StockAdminService/ListDivergence',
+                request_serializer=stockward_dot_v1_dot_admin__pb2.ListDivergenceRequest.SerializeToString,
+                response_deserializer=stockward_dot_v1_dot_admin__pb2.ListDivergenceResponse.FromString,
+                _registered_method=True)
         self.SetSafetyStock = channel.unary_unary(
                 '/stockward.v1.StockAdminService/SetSafetyStock',
                 request_serializer=stockward_dot_v1_dot_admin__pb2.SetSafetyStockRequest.SerializeToString,
@@ -120,6 +125,24 @@ class StockAdminServiceServicer:
     def SetOnHand(self, request, context):
         """Absolute on-hand counts per sku and location (an ERP or count snapshot), applied all
         together. Idempotent on (source, source_event_id).
+
+        Marked as an ERP snapshot (erp_snapshot, or any erp_applied_batch_ids), the counts
+        are compared instead: each is moved by what the ERP has not booked yet (stock
+        lines after the last batch it applied on each stream, plus lines it refused
+        before that point) and set against stockward's durable on-hand as of one instant.
+        The differences come back in `divergences` and replace the stored report that
+        ListDivergence reads. With apply_correction, stockward's on-hand moves by minus
+        each difference, all together, as one record that is never sent back to the ERP.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDivergence(self, request, context):
+        """The current divergences between stockward and the ERP, one per sku, location and
+        channel ("" for on-hand), as the latest ERP snapshot naming them found them.
+        Positions whose last snapshot agreed are not listed. Ordered by sku, location,
+        channel.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -231,6 +254,11 @@ def add_StockAdminServiceServicer_to_server(servicer, server):
                     servicer.SetOnHand,
                     request_deserializer=stockward_dot_v1_dot_admin__pb2.SetOnHandRequest.FromString,
                     response_serializer=stockward_dot_v1_dot_admin__pb2.SetOnHandResponse.SerializeToString,
+            ),
+            'ListDivergence': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDivergence,
+                    request_deserializer=stockward_dot_v1_dot_admin__pb2.ListDivergenceRequest.FromString,
+                    response_serializer=stockward_dot_v1_dot_admin__pb2.ListDivergenceResponse.SerializeToString,
             ),
             'SetSafetyStock': grpc.unary_unary_rpc_method_handler(
                     servicer.SetSafetyStock,
@@ -347,6 +375,33 @@ class StockAdminService:
             '/stockward.v1.StockAdminService/SetOnHand',
             stockward_dot_v1_dot_admin__pb2.SetOnHandRequest.SerializeToString,
             stockward_dot_v1_dot_admin__pb2.SetOnHandResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDivergence(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/stockward.v1.StockAdminService/ListDivergence',
+            stockward_dot_v1_dot_admin__pb2.ListDivergenceRequest.SerializeToString,
+            stockward_dot_v1_dot_admin__pb2.ListDivergenceResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -40,6 +40,20 @@ class StockAdminServiceStub:
     SetOnHand: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetOnHandRequest, _admin_pb2.SetOnHandResponse]
     """Absolute on-hand counts per sku and location (an ERP or count snapshot), applied all
     together. Idempotent on (source, source_event_id).
+
+    Marked as an ERP snapshot (erp_snapshot, or any erp_applied_batch_ids), the counts
+    are compared instead: each is moved by what the ERP has not booked yet (stock
+    lines after the last batch it applied on each stream, plus lines it refused
+    before that point) and set against stockward's durable on-hand as of one instant.
+    The differences come back in `divergences` and replace the stored report that
+    ListDivergence reads. With apply_correction, stockward's on-hand moves by minus
+    each difference, all together, as one record that is never sent back to the ERP.
+    """
+    ListDivergence: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListDivergenceRequest, _admin_pb2.ListDivergenceResponse]
+    """The current divergences between stockward and the ERP, one per sku, location and
+    channel ("" for on-hand), as the latest ERP snapshot naming them found them.
+    Positions whose last snapshot agreed are not listed. Ordered by sku, location,
+    channel.
     """
     SetSafetyStock: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetSafetyStockRequest, _admin_pb2.SetSafetyStockResponse]
     """Available-to-sell policies. Each change is idempotent on (actor, change_id),
@@ -91,6 +105,20 @@ class StockAdminServiceAsyncStub(StockAdminServiceStub):
     SetOnHand: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetOnHandRequest, _admin_pb2.SetOnHandResponse]  # type: ignore[assignment]
     """Absolute on-hand counts per sku and location (an ERP or count snapshot), applied all
     together. Idempotent on (source, source_event_id).
+
+    Marked as an ERP snapshot (erp_snapshot, or any erp_applied_batch_ids), the counts
+    are compared instead: each is moved by what the ERP has not booked yet (stock
+    lines after the last batch it applied on each stream, plus lines it refused
+    before that point) and set against stockward's durable on-hand as of one instant.
+    The differences come back in `divergences` and replace the stored report that
+    ListDivergence reads. With apply_correction, stockward's on-hand moves by minus
+    each difference, all together, as one record that is never sent back to the ERP.
+    """
+    ListDivergence: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListDivergenceRequest, _admin_pb2.ListDivergenceResponse]  # type: ignore[assignment]
+    """The current divergences between stockward and the ERP, one per sku, location and
+    channel ("" for on-hand), as the latest ERP snapshot naming them found them.
+    Positions whose last snapshot agreed are not listed. Ordered by sku, location,
+    channel.
     """
     SetSafetyStock: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetSafetyStockRequest, _admin_pb2.SetSafetyStockResponse]  # type: ignore[assignment]
     """Available-to-sell policies. Each change is idempotent on (actor, change_id),
@@ -151,6 +179,26 @@ class StockAdminServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_admin_pb2.SetOnHandResponse, _abc.Awaitable[_admin_pb2.SetOnHandResponse]]:
         """Absolute on-hand counts per sku and location (an ERP or count snapshot), applied all
         together. Idempotent on (source, source_event_id).
+
+        Marked as an ERP snapshot (erp_snapshot, or any erp_applied_batch_ids), the counts
+        are compared instead: each is moved by what the ERP has not booked yet (stock
+        lines after the last batch it applied on each stream, plus lines it refused
+        before that point) and set against stockward's durable on-hand as of one instant.
+        The differences come back in `divergences` and replace the stored report that
+        ListDivergence reads. With apply_correction, stockward's on-hand moves by minus
+        each difference, all together, as one record that is never sent back to the ERP.
+        """
+
+    @_abc_1.abstractmethod
+    def ListDivergence(
+        self,
+        request: _admin_pb2.ListDivergenceRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListDivergenceResponse, _abc.Awaitable[_admin_pb2.ListDivergenceResponse]]:
+        """The current divergences between stockward and the ERP, one per sku, location and
+        channel ("" for on-hand), as the latest ERP snapshot naming them found them.
+        Positions whose last snapshot agreed are not listed. Ordered by sku, location,
+        channel.
         """
 
     @_abc_1.abstractmethod
