@@ -31,6 +31,18 @@ back, then one cell every T). It stays within N exactly when rate <= N - burst +
 `limit_for_window` picks that rate. A larger burst buys latency for a batch of lines at
 the price of sustained rate: burst = N would leave one cell per second.
 
+Hold-off. When the ERP answers 429 with Retry-After R at time n, no process may send
+before n + R. A second script raises every limit's TAT to at least
+H = n + R + (burst - 1)*T, and never lowers it. Proof that this suffices: a cost
+c >= 1 at a time t < n + R finds TAT >= H > t, so admitting it would need
+H + c*T - t <= TAT + c*T - t <= burst*T, that is n + R + (c - 1)*T <= t, which is
+false for every c >= 1 because t < n + R. When the TAT is exactly H, a cost of 1 is
+admitted at t = n + R (n + R + 0*T <= t), so the hold-off ends on time, and a cost c
+waits (c - 1)*T longer, as if a full burst had been spent at n + R. A larger TAT is
+left alone, so a short hold-off never shortens a long one or forgives a debt. Raising
+a TAT only ever admits less, so the window guarantee above still holds. R is rounded
+up to a whole microsecond.
+
 Known shortcomings:
 - Clock skew between processes leaks quota: a process whose clock runs d ahead of the
   others reads their TATs as d older and can take up to about rate*d extra cells in one
@@ -40,6 +52,10 @@ Known shortcomings:
   a little headroom below the ERP's N or treat a 429 as a signal to back off.
 - Key TTLs run on Redis's own clock while TATs run on the callers', so each TTL gets
   `KEY_TTL_SLACK_MS` on top; an idle key lingers that long before it vanishes.
+- A hold-off starts from the receiving process's clock when it calls hold_off, not from
+  the instant the ERP sent the 429, so it ends late by the reply's transit time (safe).
+  A process that sent before the hold-off landed in Redis is not recalled: requests
+  already on the wire may still draw 429s of their own.
 """
 
 import asyncio
@@ -72,6 +88,11 @@ REDIS_CALL_TIMEOUT_S = 2.0
 # process may have used first. A caller that loses this many races in a row is starved,
 # which is a fault worth surfacing even when its deadline has not yet passed.
 ACQUIRE_ATTEMPTS_MAX = 1_000
+
+# ERPs ask for seconds to minutes. A Retry-After beyond an hour is either an outage,
+# which the bridge's circuit breaker should handle instead of a silent stall of every
+# process, or a misparsed header (an HTTP date read as seconds), so it is refused.
+HOLD_OFF_MAX_S = 3_600.0
 
 # Returns 0 when every limit admitted its cost (and charges them all), else the wait in
 # microseconds until the slowest refusing limit would admit it (and charges nothing).
@@ -107,6 +128,28 @@ for i, key in ipairs(KEYS) do
              'PX', string.format('%d', ttl_ms))
 end
 return 0
+"""
+
+# Raises each key's TAT to at least the hold-off TAT, never lowering it; returns how
+# many limits it moved. ARGV: now_us, ttl slack in ms, the hold-off end in us, then for
+# each key (burst - 1) * interval_us.
+_HOLD_OFF_SCRIPT = """
+local now_us = tonumber(ARGV[1])
+local slack_ms = tonumber(ARGV[2])
+local until_us = tonumber(ARGV[3])
+local moved = 0
+
+for i, key in ipairs(KEYS) do
+  local held_tat_us = until_us + tonumber(ARGV[3 + i])
+  local stored = redis.call('GET', key)
+  if not stored or tonumber(stored) < held_tat_us then
+    local ttl_ms = math.ceil((held_tat_us - now_us) / 1000) + slack_ms
+    redis.call('SET', key, string.format('%d', held_tat_us),
+               'PX', string.format('%d', ttl_ms))
+    moved = moved + 1
+  end
+end
+return moved
 """
 
 
@@ -170,7 +213,11 @@ class RateLimitTimeout(Exception):
 
 
 class RateLimiterUnavailable(Exception):
-    """Redis failed or did not answer in time; nothing is known to be charged."""
+    """Redis failed or did not answer in time.
+
+    Whether the call took effect is unknown: a cost may have been charged, a hold-off
+    set or a slot leased (erp_bridge.slots raises this too) with the reply lost.
+    """
 
 
 @dataclasses.dataclass
@@ -178,6 +225,7 @@ class LimiterStats:
     admitted: int = 0
     refused: int = 0
     timeouts: int = 0
+    hold_offs: int = 0
 
 
 class SharedLimiter:
@@ -201,6 +249,9 @@ class SharedLimiter:
         self._key_prefix = key_prefix
         self._clock = clock
         self._script: AsyncScript = redis_client.register_script(_GCRA_SCRIPT)
+        self._hold_off_script: AsyncScript = redis_client.register_script(
+            _HOLD_OFF_SCRIPT
+        )
         self.stats = LimiterStats()
 
     def key(self, name: str) -> str:
@@ -215,14 +266,14 @@ class SharedLimiter:
         """
         args = self._script_args(costs)
 
-        wait_us = await self._run_script(list(costs), args)
+        wait_us = await self._call(self._script, list(costs), args)
 
         if wait_us == 0:
             self.stats.admitted += 1
             return 0.0
         self.stats.refused += 1
         logger.debug("rate limit refused: costs=%s wait_us=%d", dict(costs), wait_us)
-        return _seconds_covering(wait_us)
+        return seconds_covering(wait_us)
 
     async def wait_and_acquire(
         self, costs: Mapping[str, int], *, deadline_s: float
@@ -260,6 +311,39 @@ class SharedLimiter:
             f"costs {dict(costs)} were refused {ACQUIRE_ATTEMPTS_MAX} times in a row"
         )
 
+    async def hold_off(self, retry_after_s: float) -> int:
+        """Let no process on this prefix be admitted before now + `retry_after_s`.
+
+        For the ERP's 429 with Retry-After: every limit's TAT is raised so that the
+        first cell is admitted exactly then (see the design note), never lowered.
+        Returns how many limits were pushed back; 0 means a longer hold-off or debt
+        was already in place.
+        """
+        if not 0 <= retry_after_s <= HOLD_OFF_MAX_S:
+            raise ValueError(
+                f"retry_after_s must be in 0..{HOLD_OFF_MAX_S}, got {retry_after_s}"
+            )
+        now_us = self._clock.now_us()
+        # Rounded to a nanosecond first so that float noise (536.868 s comes out as
+        # 536868000.00000006 us) is not taken for a fraction worth a microsecond more.
+        until_us = now_us + math.ceil(round(retry_after_s * US_PER_S, 3))
+        names = list(self._limits)
+        args = [now_us, KEY_TTL_SLACK_MS, until_us]
+        args += [
+            (limit.burst - 1) * limit.interval_us for limit in self._limits.values()
+        ]
+
+        moved = await self._call(self._hold_off_script, names, args)
+
+        ensure(moved <= len(names), f"hold-off moved {moved} of {len(names)} limits")
+        self.stats.hold_offs += 1
+        logger.warning(
+            "rate limit hold off: retry_after_s=%s limits_moved=%d",
+            retry_after_s,
+            moved,
+        )
+        return moved
+
     def _script_args(self, costs: Mapping[str, int]) -> list[int]:
         if not costs:
             raise ValueError("costs must name at least one limit")
@@ -278,12 +362,14 @@ class SharedLimiter:
             args += [limit.interval_us, limit.burst * limit.interval_us, cost]
         return args
 
-    async def _run_script(self, names: list[str], args: list[int]) -> int:
+    async def _call(
+        self, script: AsyncScript, names: list[str], args: list[int]
+    ) -> int:
         # The one place where Redis's exceptions become ours.
         keys = [self.key(name) for name in names]
         try:
             async with asyncio.timeout(REDIS_CALL_TIMEOUT_S):
-                reply: Any = await self._script(keys=keys, args=args)
+                reply: Any = await script(keys=keys, args=args)
         except (RedisError, TimeoutError) as error:
             raise RateLimiterUnavailable(
                 f"rate limit script failed: {error!r}"
@@ -293,9 +379,10 @@ class SharedLimiter:
         return int(reply)
 
 
-def _seconds_covering(duration_us: int) -> float:
+def seconds_covering(duration_us: int) -> float:
+    """`duration_us` as seconds that convert back to at least `duration_us`."""
     # A clock that turns seconds back into microseconds by truncation (as FakeClock
-    # does) must land on or after the admission instant, never 1 us before it.
+    # does) must land on or after the instant waited for, never 1 us before it.
     seconds = duration_us / US_PER_S
     while int(seconds * US_PER_S) < duration_us:
         seconds = math.nextafter(seconds, math.inf)

@@ -18,6 +18,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from erp_bridge.rate_limit import (
+    HOLD_OFF_MAX_S,
     KEY_TTL_SLACK_MS,
     RateLimit,
     RateLimiterUnavailable,
@@ -329,11 +330,110 @@ async def test_wait_and_acquire_gives_up_before_a_wait_past_its_deadline(
     start_us = clock.now_us()
 
     with pytest.raises(RateLimitTimeout, match="after the deadline"):
-        await limiter.wait_and_acquire({"requests": 1}, deadline_s=0.999_999)
+        await asyncio.wait_for(
+            limiter.wait_and_acquire({"requests": 1}, deadline_s=0.999_999),
+            SLEEP_REACHED_TIMEOUT_S,
+        )
 
     assert not clock.sleep_started.is_set()
     assert clock.now_us() == start_us
     assert limiter.stats.timeouts == 1
+
+
+@pytest.mark.parametrize("retry_after_s", [0.001, 1.1, 2.5, 536.868])
+async def test_hold_off_refuses_another_process_until_exactly_retry_after(
+    key_prefix: str, clock: FakeClock, retry_after_s: float
+) -> None:
+    limits = [
+        limit_for_window("requests", 10, burst=2),
+        RateLimit("lines", rate_per_s=100, burst=50),
+    ]
+    clients = [new_client(), new_client()]
+    first, second = (
+        SharedLimiter(client, key_prefix=key_prefix, limits=limits, clock=clock)
+        for client in clients
+    )
+    retry_after_us = round(retry_after_s * US_PER_S)
+    try:
+        assert await first.hold_off(retry_after_s) == 2
+
+        # The other process waits out the whole Retry-After on either limit.
+        assert await second.acquire({"requests": 1}) == retry_after_s
+        assert await second.acquire({"lines": 1}) == retry_after_s
+        advance_us(clock, retry_after_us - 1)
+        assert await second.acquire({"requests": 1, "lines": 1}) == 1e-6
+
+        # At the instant itself one cell passes; a larger cost waits (cost - 1)*T more,
+        # as if a full burst had just been spent.
+        advance_us(clock, 1)
+        assert await second.acquire({"lines": 20}) == 0.19
+        assert await second.acquire({"requests": 1, "lines": 1}) == 0.0
+    finally:
+        for client in clients:
+            await client.aclose()
+
+    assert first.stats.hold_offs == 1
+    assert second.stats.admitted == 1
+
+
+async def test_shorter_hold_off_never_shortens_a_longer_one_or_a_debt(
+    make_limiter: Callable[..., SharedLimiter], clock: FakeClock
+) -> None:
+    limiter = make_limiter(
+        RateLimit("requests", rate_per_s=1),
+        RateLimit("lines", rate_per_s=100, burst=50),
+    )
+    assert await limiter.acquire({"requests": 1}) == 0.0
+
+    assert await limiter.hold_off(5.0) == 2
+    assert await limiter.hold_off(1.0) == 0
+    assert await limiter.acquire({"requests": 1}) == 5.0
+    assert await limiter.acquire({"lines": 1}) == 5.0
+
+    # After the hold-off, a request leaves a debt of 1 s on requests, longer than the
+    # next hold-off of 0.5 s, which therefore moves only the lines limit.
+    advance_us(clock, 5 * US_PER_S)
+    assert await limiter.acquire({"requests": 1, "lines": 1}) == 0.0
+    assert await limiter.hold_off(0.5) == 1
+    assert await limiter.acquire({"requests": 1}) == 1.0
+    assert await limiter.acquire({"lines": 1}) == 0.5
+    assert limiter.stats.hold_offs == 3
+
+
+async def test_wait_and_acquire_waits_out_a_hold_off(
+    make_limiter: Callable[..., SharedLimiter], clock: SignallingClock
+) -> None:
+    limiter = make_limiter(limit_for_window("requests", 10, burst=3))
+    assert await limiter.hold_off(2.5) == 1
+
+    # Bounded, so that a limiter that wrongly decides to sleep fails instead of hanging.
+    with pytest.raises(RateLimitTimeout, match="after the deadline"):
+        await asyncio.wait_for(
+            limiter.wait_and_acquire({"requests": 1}, deadline_s=2.499_999),
+            SLEEP_REACHED_TIMEOUT_S,
+        )
+    assert not clock.sleep_started.is_set()
+
+    waiter = asyncio.create_task(
+        limiter.wait_and_acquire({"requests": 1}, deadline_s=2.5)
+    )
+    await asyncio.wait_for(clock.sleep_started.wait(), SLEEP_REACHED_TIMEOUT_S)
+    assert not waiter.done()
+
+    clock.advance(2.5)
+    assert await asyncio.wait_for(waiter, SLEEP_REACHED_TIMEOUT_S) == 2.5
+
+
+async def test_hold_off_keys_get_a_ttl_that_outlives_the_hold_off(
+    make_limiter: Callable[..., SharedLimiter], client: redis_asyncio.Redis
+) -> None:
+    limiter = make_limiter(RateLimit("lines", rate_per_s=10, burst=30))
+
+    assert await limiter.hold_off(4.0) == 1
+
+    # The TAT lies 4 s plus 29 cells of 0.1 s ahead, more than the Retry-After alone.
+    ttl_ms = await client.pttl(limiter.key("lines"))
+    assert KEY_TTL_SLACK_MS + 4_000 < ttl_ms <= KEY_TTL_SLACK_MS + 6_900
 
 
 async def test_keys_get_a_ttl_that_outlives_the_debt(
@@ -367,6 +467,10 @@ async def test_caller_mistakes_raise_value_error(
         RateLimit("lines", rate_per_s=0)
     with pytest.raises(ValueError, match="unique names"):
         make_limiter(RateLimit("lines", 1), RateLimit("lines", 2))
+    for retry_after_s in [-0.1, HOLD_OFF_MAX_S + 1, math.nan]:
+        with pytest.raises(ValueError, match="retry_after_s must be in"):
+            await limiter.hold_off(retry_after_s)
+    assert limiter.stats.hold_offs == 0
 
 
 async def test_unreachable_redis_raises_unavailable(clock: FakeClock) -> None:
@@ -380,5 +484,7 @@ async def test_unreachable_redis_raises_unavailable(clock: FakeClock) -> None:
     try:
         with pytest.raises(RateLimiterUnavailable):
             await limiter.acquire({"requests": 1})
+        with pytest.raises(RateLimiterUnavailable):
+            await limiter.hold_off(1.0)
     finally:
         await client.aclose()
