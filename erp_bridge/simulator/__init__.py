@@ -12,11 +12,12 @@ HTTP contract (JSON in and out; every error body is
 Auth. When a token is configured, every endpoint needs `Authorization: Bearer <token>`;
 otherwise 401 `UNAUTHORIZED`.
 
-`POST /v1/batches` with `{"batch_id": str, "feed": "positions"|"ledger", "lines":
-[{"line_id": str, "sku": str, "location": str, "on_hand_delta": int, "held_delta": int,
-"reservation_id": str (may be ""), "channel": str (may be ""), "kind": str}]}`.
-Texts are 1..128 characters (the two optional ones 0..128), deltas within +-10^12,
-unknown keys are ignored. Handling, in order:
+`POST /v1/batches` with `{"batch_id": str, "stream": str (optional), "feed":
+"positions"|"ledger", "lines": [{"line_id": str, "sku": str, "location": str,
+"on_hand_delta": int, "held_delta": int, "reservation_id": str (may be ""), "channel":
+str (may be ""), "kind": str}]}`. Texts are 1..128 characters (the optional ones
+0..128), deltas within +-10^12, unknown keys are ignored. A `stream` names the ordered
+sequence the batch belongs to; absent and "" both mean none. Handling, in order:
 1. Rate limits: at most `requests_per_s` batch requests and `lines_per_s` lines admitted
    in any sliding one-second window, and at most `concurrent_max` batch requests in
    progress. Over any -> 429 `RATE_LIMITED` with `Retry-After` (whole seconds, at least
@@ -29,7 +30,8 @@ unknown keys are ignored. Handling, in order:
    with `field` (`batch_id`, `lines`, `lines[2].sku`, or `body` if not a JSON object).
 4. Fault dice, one seeded draw per valid request: with probability `error_rate`
    -> 503 `UNAVAILABLE`, nothing applied.
-5. Dedupe by batch id, comparing a SHA-256 of the canonical JSON of feed and lines:
+5. Dedupe by batch id, comparing a SHA-256 of the canonical JSON of feed and lines,
+   plus the stream when there is one (so batches without one hash as they always did):
    seen with the same content -> 200 with `"status": "duplicate"` and the first answer's
    `applied_lines` and `rejected`, nothing applied; different content -> 409
    `BATCH_CONFLICT` with `field: "batch_id"`.
@@ -43,8 +45,12 @@ unknown keys are ignored. Handling, in order:
    answer is 500 `INTERNAL` instead; a retry of it then gets "duplicate".
 
 `GET /v1/ledger` -> `{"positions": [{"sku", "location", "on_hand", "held"}] sorted by
-sku then location, "last_batch_id" ("" before the first), "batches_applied" (batches
-booked, including those whose lines were all refused), "lines_applied"}`.
+sku then location, "last_batch_id" ("" before the first), "last_batch_ids" ({stream:
+the last batch id booked on it}, streams sorted; a duplicate changes nothing),
+"batches_applied" (batches booked, including those whose lines were all refused),
+"lines_applied"}`. The answer is an atomic snapshot: it is built in one step without an
+await, so no batch is booked between reading the positions and reading
+`last_batch_ids`, and a test may compare the two as the ERP's state at one instant.
 
 `GET /v1/stats` -> batch-request counters `requests`, `applied`, `duplicates`,
 `conflicts`, `invalid`, `rejected_lines`, `throttled` (429s), `failed` (5xx),

@@ -275,6 +275,7 @@ class ErpSimulator:
         return _applied(result)
 
     async def _get_ledger(self, request: web.Request) -> web.Response:
+        # No await before the snapshot is built: that is what makes it atomic.
         return web.json_response(self.books.ledger_json())
 
     async def _get_stats(self, request: web.Request) -> web.Response:

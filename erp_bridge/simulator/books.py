@@ -78,6 +78,8 @@ class Books:
         self.closed_locations: frozenset[str] = frozenset()
         self.positions: dict[tuple[str, str], Position] = {}
         self.last_batch_id = ""
+        # The last batch booked on each stream, for reconciliation to read back.
+        self.last_batch_ids: dict[str, str] = {}
         self.batches_applied = 0
         self.lines_applied = 0
         self._batches: dict[str, tuple[str, BatchResult]] = {}
@@ -115,6 +117,8 @@ class Books:
         )
         self._batches[batch.batch_id] = (batch.content_hash(), result)
         self.last_batch_id = batch.batch_id
+        if batch.stream:
+            self.last_batch_ids[batch.stream] = batch.batch_id
         self.batches_applied += 1
         self.lines_applied += result.applied_lines
         logger.debug(
@@ -131,12 +135,18 @@ class Books:
             self.positions.setdefault((sku, location), Position()).on_hand = on_hand
 
     def ledger_json(self) -> dict[str, object]:
+        """Positions and per-stream progress as of one instant.
+
+        Built without an await, so on the event loop no batch can be booked between
+        reading the positions and reading `last_batch_ids`: the two always agree.
+        """
         return {
             "positions": [
                 {"sku": sku, "location": location, "on_hand": p.on_hand, "held": p.held}
                 for (sku, location), p in sorted(self.positions.items())
             ],
             "last_batch_id": self.last_batch_id,
+            "last_batch_ids": dict(sorted(self.last_batch_ids.items())),
             "batches_applied": self.batches_applied,
             "lines_applied": self.lines_applied,
         }

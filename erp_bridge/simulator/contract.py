@@ -47,15 +47,23 @@ class Line:
 @dataclasses.dataclass(frozen=True)
 class Batch:
     batch_id: str
+    # "" when the batch belongs to no stream (the key absent or empty).
+    stream: str
     feed: str
     lines: tuple[Line, ...]
 
     def content_hash(self) -> str:
-        """Digest of feed and lines as canonical JSON; the batch id is left out."""
-        content = {
+        """Digest of feed, lines and stream as canonical JSON; the batch id is left out.
+
+        The stream takes part only when there is one, so that a batch without it
+        hashes as it did before streams existed and old replays still dedupe.
+        """
+        content: dict[str, object] = {
             "feed": self.feed,
             "lines": [dataclasses.asdict(x) for x in self.lines],
         }
+        if self.stream:
+            content["stream"] = self.stream
         canonical = json.dumps(content, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
@@ -72,6 +80,9 @@ def count_lines(body: object) -> int:
 def parse_batch(body: object, *, lines_per_request: int) -> Batch:
     fields = _require_object(body, "body")
     batch_id = _require_text(fields, "batch_id", "", allow_empty=False)
+    stream = ""
+    if "stream" in fields:
+        stream = _require_text(fields, "stream", "", allow_empty=True)
     feed = _require_text(fields, "feed", "", allow_empty=False)
     if feed not in FEEDS:
         raise InvalidInput("feed", f"must be one of {', '.join(FEEDS)}")
@@ -90,7 +101,7 @@ def parse_batch(body: object, *, lines_per_request: int) -> Batch:
                 f"lines[{i}].line_id", "repeats an earlier line of the batch"
             )
         seen.add(line.line_id)
-    return Batch(batch_id=batch_id, feed=feed, lines=lines)
+    return Batch(batch_id=batch_id, stream=stream, feed=feed, lines=lines)
 
 
 def _parse_line(raw: object, where: str) -> Line:

@@ -100,8 +100,13 @@ def line(line_id: str, **fields: Any) -> Json:
     return values | fields
 
 
-def batch(batch_id: str, *lines: Json, feed: str = "ledger") -> Json:
-    return {"batch_id": batch_id, "feed": feed, "lines": list(lines)}
+def batch(
+    batch_id: str, *lines: Json, feed: str = "ledger", stream: str | None = None
+) -> Json:
+    body: Json = {"batch_id": batch_id, "feed": feed, "lines": list(lines)}
+    if stream is not None:
+        body["stream"] = stream
+    return body
 
 
 def lines_of(count: int, prefix: str) -> list[Json]:
@@ -133,6 +138,7 @@ async def test_applied_batch_shows_in_ledger(start_erp: ErpFactory) -> None:
             {"sku": "B", "location": "WH-2", "on_hand": -2, "held": -1},
         ],
         "last_batch_id": "B1",
+        "last_batch_ids": {},
         "batches_applied": 1,
         "lines_applied": 3,
     }
@@ -188,6 +194,8 @@ async def test_same_batch_id_with_other_content_conflicts(
         (batch("B", line("L1", held_delta=True)), "lines[0].held_delta"),
         (batch("B", line("L1", reservation_id=None)), "lines[0].reservation_id"),
         (batch("B", line("L1"), line("L1")), "lines[1].line_id"),
+        (batch("B", line("L1")) | {"stream": 5}, "stream"),
+        (batch("B", line("L1")) | {"stream": "s" * 129}, "stream"),
         ([1, 2], "body"),
     ],
 )
@@ -468,3 +476,88 @@ def test_config_refuses_other_than_loopback_and_impossible_limits() -> None:
 
     assert (config.host, config.port, config.seed) == ("127.0.0.1", 9000, 3)
     assert config.faults.error_rate == 0.25
+
+
+async def test_ledger_names_the_last_batch_booked_on_each_stream(
+    start_erp: ErpFactory,
+) -> None:
+    erp = await start_erp()
+    first = batch("B1", line("L1"), stream="s0")
+    for sent in [
+        first,
+        batch("B2", line("L2"), stream="s1"),
+        batch("B3", line("L3"), stream="s0"),
+        batch("B4", line("L4")),
+        batch("B5", line("L5"), stream=""),
+    ]:
+        assert (await erp.post(sent))[0] == 200
+
+    # A replay of an older batch of s0 is a duplicate and moves nothing.
+    status, answer = await erp.post(first)
+
+    assert (status, answer["status"]) == (200, "duplicate")
+    ledger = await erp.ledger()
+    assert ledger["last_batch_ids"] == {"s0": "B3", "s1": "B2"}
+    assert ledger["last_batch_id"] == "B5"
+
+
+async def test_stream_takes_part_in_dedupe_only_when_present(
+    start_erp: ErpFactory,
+) -> None:
+    erp = await start_erp()
+    assert (await erp.post(batch("B1", line("L1"))))[0] == 200
+    assert (await erp.post(batch("B2", line("L2"), stream="s0")))[0] == 200
+
+    # An empty stream is no stream: the same content as the first sending.
+    status, answer = await erp.post(batch("B1", line("L1"), stream=""))
+    assert (status, answer["status"]) == (200, "duplicate")
+
+    for conflicting in [
+        batch("B1", line("L1"), stream="s0"),
+        batch("B2", line("L2"), stream="s1"),
+        batch("B2", line("L2")),
+    ]:
+        status, answer = await erp.post(conflicting)
+        assert status == 409, conflicting
+        assert answer["error"]["code"] == "BATCH_CONFLICT"
+    assert (await erp.ledger())["last_batch_ids"] == {"s0": "B2"}
+
+
+async def test_ledger_snapshot_agrees_with_last_batch_ids_under_load(
+    start_erp: ErpFactory,
+) -> None:
+    # Each stream books its batches in order and each adds one held unit to the
+    # stream's own sku, so a snapshot naming batch k of a stream must show k + 1.
+    streams = 4
+    batches_per_stream = 15
+    erp = await start_erp(requests_per_s=1_000, concurrent_max=streams)
+    snapshots: list[Json] = []
+
+    async def feed(stream: int) -> None:
+        for k in range(batches_per_stream):
+            sent = batch(
+                f"s{stream}.{k}",
+                line(f"s{stream}.L{k}", sku=f"SKU-{stream}"),
+                stream=f"s{stream}",
+            )
+            assert (await erp.post(sent))[0] == 200
+
+    async def watch(done: asyncio.Event) -> None:
+        while not done.is_set():
+            snapshots.append(await erp.ledger())
+
+    done = asyncio.Event()
+    watcher = asyncio.create_task(watch(done))
+    await asyncio.gather(*(feed(s) for s in range(streams)))
+    done.set()
+    await watcher
+    snapshots.append(await erp.ledger())
+
+    assert len(snapshots) > 1
+    for snapshot in snapshots:
+        held = {p["sku"]: p["held"] for p in snapshot["positions"]}
+        for stream, last in snapshot["last_batch_ids"].items():
+            booked = int(last.rpartition(".")[2]) + 1
+            assert held[f"SKU-{stream[1:]}"] == booked, snapshot
+        assert sum(held.values()) == snapshot["batches_applied"]
+    assert snapshots[-1]["batches_applied"] == streams * batches_per_stream
