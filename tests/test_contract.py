@@ -8,9 +8,14 @@ import re
 import pytest
 from google.protobuf import descriptor
 
-from stockward.v1 import admin_pb2, inventory_pb2, types_pb2
+from stockward.v1 import admin_pb2, bridge_pb2, inventory_pb2, types_pb2
 
-FILES = (types_pb2.DESCRIPTOR, inventory_pb2.DESCRIPTOR, admin_pb2.DESCRIPTOR)
+FILES = (
+    types_pb2.DESCRIPTOR,
+    inventory_pb2.DESCRIPTOR,
+    admin_pb2.DESCRIPTOR,
+    bridge_pb2.DESCRIPTOR,
+)
 SNAKE = re.compile(r"^[a-z][a-z0-9]*(_[a-z0-9]+)*$")
 PASCAL = re.compile(r"^[A-Z][A-Za-z0-9]*$")
 UPPER_SNAKE = re.compile(r"^[A-Z][A-Z0-9]*(_[A-Z0-9]+)*$")

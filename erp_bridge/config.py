@@ -1,0 +1,146 @@
+"""Bridge configuration: one frozen dataclass, read from flags and environment in one
+place. Flags win over STOCKWARD_BRIDGE_* environment variables, which win over defaults.
+
+The ERP's limits are configured as the ERP states them (per second, per request,
+concurrent); the bridge derives its GCRA limits from them so that no sliding second
+ever holds more than the ERP allows (see erp_bridge/rate_limit.py).
+"""
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Sequence
+
+from erp_bridge.adapters import Feed
+from server.config import DEFAULT_DATABASE_URL
+from server.wal.feed import NAME_PATTERN
+
+ADAPTERS = ("http", "file")
+
+
+@dataclasses.dataclass(frozen=True)
+class BridgeConfig:
+    # The stockward database and schema whose write-ahead records are fed.
+    database_url: str = DEFAULT_DATABASE_URL
+    database_schema: str = "stockward"
+    # Names this feed: part of every batch and line id and of the cursor's key, so two
+    # bridges (say an ERP and a data warehouse) can read the same records apart.
+    name: str = "erp"
+    # positions: one netted line per (sku, location) per batch; ledger: one line per
+    # stock effect of every commitment.
+    feed: str = Feed.POSITIONS.value
+    # Shards this process feeds, comma separated; empty means all. Each shard's stream
+    # is owned by one process at a time (an advisory lock), so overlapping lists are
+    # safe: the second process waits as a standby.
+    shards: str = ""
+    # Where a new cursor starts: "beginning" (every retained record) or "end".
+    start_from: str = "beginning"
+
+    # The ERP adapter: http (erp_url) or file (drop_dir).
+    adapter: str = "http"
+    erp_url: str = "http://127.0.0.1:8900"
+    # An auth header sent with every request, as "Name: value"; empty for none.
+    erp_auth_header: str = ""
+    # JSON object renaming fields for the ERP, e.g. {"sku": "itemNumber"}.
+    erp_field_mapping: str = ""
+    drop_dir: str = ".data/erp-drop"
+
+    # The ERP's limits, as it states them.
+    requests_per_s: int = 10
+    lines_per_request: int = 500
+    lines_per_s: int = 5_000
+    concurrent_requests_max: int = 4
+    # One request may take this long before it counts as failed (and is resent).
+    request_timeout_s: float = 10.0
+
+    # A batch waits at most this long for more lines before it goes out part full.
+    batch_window_s: float = 0.5
+    # How often an idle stream looks for new records. LISTEN/NOTIFY would save the
+    # polls, at the cost of a connection per stream held in LISTEN.
+    poll_interval_s: float = 0.05
+
+    # Backoff after a 5xx or timeout: doubling from the first, capped, with jitter.
+    backoff_first_s: float = 0.2
+    backoff_max_s: float = 30.0
+    # Consecutive failures that open the circuit breaker, and how long it stays open
+    # before one probe request is let through.
+    breaker_failures: int = 5
+    breaker_open_s: float = 10.0
+    # After the ERP refused a whole batch (auth, conflict), try again this often: an
+    # operator may have fixed the ERP side meanwhile.
+    refused_retry_s: float = 60.0
+
+    # Redis holding the shared quota; every bridge on the same ERP account uses the
+    # same key prefix.
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    quota_key: str = "stockward:erp-quota"
+
+    # The admin gRPC service (status, dead letters) and the Prometheus metrics page;
+    # port 0 picks a free one, an empty value turns it off.
+    admin_listen: str = "127.0.0.1:50061"
+    metrics_listen: str = "127.0.0.1:9464"
+
+    def shard_list(self, shard_count: int) -> list[int]:
+        if not self.shards:
+            return list(range(shard_count))
+        chosen = sorted({int(part) for part in self.shards.split(",") if part})
+        for shard in chosen:
+            if not 0 <= shard < shard_count:
+                raise SystemExit(
+                    f"--shards names {shard}; the database has shards 0..{shard_count - 1}"
+                )
+        return chosen
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get("STOCKWARD_BRIDGE_" + name.upper(), default)
+
+
+def from_args(argv: Sequence[str] | None = None) -> BridgeConfig:
+    defaults = BridgeConfig()
+    parser = argparse.ArgumentParser(
+        prog="stockward-erp-bridge",
+        description="feed stockward's commitments to the ERP in rate-limited batches",
+    )
+    for field in dataclasses.fields(BridgeConfig):
+        flag = "--" + field.name.replace("_", "-")
+        default = getattr(defaults, field.name)
+        kind = type(default)
+        parser.add_argument(
+            flag, type=kind, default=kind(_env(field.name, str(default)))
+        )
+    namespace = parser.parse_args(argv)
+    values = {
+        f.name: getattr(namespace, f.name) for f in dataclasses.fields(BridgeConfig)
+    }
+    config = BridgeConfig(**values)
+    validate(config)
+    return config
+
+
+def validate(config: BridgeConfig) -> None:
+    if not config.database_schema.isidentifier():
+        raise SystemExit("--database-schema must be a plain identifier")
+    if not NAME_PATTERN.fullmatch(config.name):
+        raise SystemExit(f"--name must match {NAME_PATTERN.pattern}")
+    if config.feed not in {feed.value for feed in Feed}:
+        raise SystemExit("--feed must be positions or ledger")
+    if config.adapter not in ADAPTERS:
+        raise SystemExit(f"--adapter must be one of {', '.join(ADAPTERS)}")
+    if config.start_from not in ("beginning", "end"):
+        raise SystemExit("--start-from must be beginning or end")
+    if (
+        min(
+            config.requests_per_s,
+            config.lines_per_request,
+            config.lines_per_s,
+            config.concurrent_requests_max,
+        )
+        < 1
+    ):
+        raise SystemExit("the ERP limits must all be at least 1")
+    if config.lines_per_request > config.lines_per_s:
+        # A full request could then never be admitted by the lines-per-second limit.
+        raise SystemExit("--lines-per-request may not exceed --lines-per-s")
+    if config.erp_auth_header and ":" not in config.erp_auth_header:
+        raise SystemExit('--erp-auth-header must read "Name: value"')

@@ -1,0 +1,160 @@
+"""The bridge end to end: a real server, Postgres, Redis and the ERP simulator."""
+
+import asyncio
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from erp_bridge.bridge import Bridge
+from erp_bridge.simulator import ErpSimulator, Faults, SimulatorConfig
+from erp_bridge.store import DeadLetterStatus
+from tests.conftest import Running, ServerFactory
+from tests.erp.bridge_support import (
+    LOCATIONS,
+    bridge_config,
+    effects_recorded,
+    erp_positions,
+    stock,
+    stockward_positions,
+    traffic,
+    wait_caught_up,
+)
+
+BridgeFactory = Callable[..., Awaitable[Bridge]]
+
+
+@pytest.fixture
+async def simulator() -> AsyncIterator[ErpSimulator]:
+    erp = ErpSimulator(
+        SimulatorConfig(
+            requests_per_s=200, lines_per_s=20_000, faults=Faults(latency_ms=2)
+        )
+    )
+    await erp.start()
+    yield erp
+    await erp.stop()
+
+
+@pytest.fixture
+async def start_bridge(
+    schema: str, simulator: ErpSimulator
+) -> AsyncIterator[BridgeFactory]:
+    bridges: list[Bridge] = []
+
+    async def start(**overrides: object) -> Bridge:
+        bridge = Bridge(bridge_config(schema, simulator, **overrides), seed=1)
+        await bridge.start()
+        bridges.append(bridge)
+        return bridge
+
+    yield start
+    for bridge in bridges:
+        await bridge.stop()
+
+
+@pytest.fixture
+async def server(start_server: ServerFactory) -> Running:
+    return await start_server()
+
+
+def seeded() -> random.Random:
+    seed = random.randrange(2**32)
+    print(f"seed={seed}")
+    return random.Random(seed)
+
+
+async def test_positions_feed_brings_the_erp_to_stockwards_positions(
+    server: Running, start_bridge: BridgeFactory, simulator: ErpSimulator, schema: str
+) -> None:
+    skus = [f"SKU-{i}" for i in range(6)]
+    await stock(server, skus, 20)
+    await start_bridge(feed="positions", lines_per_request=7)
+
+    await traffic(server, seeded(), skus, 300)
+    await wait_caught_up(schema)
+
+    assert erp_positions(simulator) == stockward_positions(server)
+    assert simulator.books.lines_applied < simulator.stats.requests * 7 + 1
+
+
+async def test_ledger_feed_books_every_effect_once_with_its_reservation(
+    server: Running, start_bridge: BridgeFactory, simulator: ErpSimulator, schema: str
+) -> None:
+    skus = ["A", "B"]
+    await stock(server, skus, 50)
+    bridge = await start_bridge(feed="ledger", lines_per_request=5)
+
+    await traffic(server, seeded(), skus, 120)
+    await wait_caught_up(schema)
+
+    assert erp_positions(simulator) == stockward_positions(server)
+    effects = await effects_recorded(schema)
+    assert simulator.books.lines_applied == effects
+    assert bridge.counters.lines_out == bridge.counters.lines_in == effects
+
+
+async def test_erp_failures_and_answers_lost_after_booking_neither_lose_nor_double(
+    server: Running, start_bridge: BridgeFactory, simulator: ErpSimulator, schema: str
+) -> None:
+    simulator.faults = Faults(error_rate=0.3, applied_then_error_rate=0.3, latency_ms=1)
+    skus = [f"SKU-{i}" for i in range(4)]
+    await stock(server, skus, 30)
+    bridge = await start_bridge(
+        feed="positions", lines_per_request=3, breaker_failures=50
+    )
+
+    await traffic(server, seeded(), skus, 200)
+    await wait_caught_up(schema)
+
+    assert erp_positions(simulator) == stockward_positions(server)
+    assert simulator.stats.failed > 0
+    assert bridge.counters.duplicates > 0
+    assert bridge.counters.retries >= simulator.stats.failed
+
+
+async def test_dead_letters_do_not_block_the_rest_and_a_retry_books_them(
+    server: Running, start_bridge: BridgeFactory, simulator: ErpSimulator, schema: str
+) -> None:
+    closed = LOCATIONS[1]
+    simulator.books.closed_locations = frozenset({closed})
+    await stock(server, ["A", "B"], 10)
+    bridge = await start_bridge(feed="ledger", lines_per_request=50)
+    await traffic(server, seeded(), ["A", "B"], 60)
+    await wait_caught_up(schema)
+
+    dead = await bridge.store.list_dead_letters(
+        statuses=[DeadLetterStatus.DEAD],
+        after_id=0,
+        limit=1_000,
+    )
+    assert dead and {letter.line.location for letter in dead} == {closed}
+    assert {letter.reason for letter in dead} == {"PERIOD_CLOSED"}
+    open_side = {
+        at: v for at, v in stockward_positions(server).items() if at[1] != closed
+    }
+    assert {at: v for at, v in erp_positions(simulator).items() if at[1] != closed} == (
+        open_side
+    )
+
+    simulator.books.closed_locations = frozenset()
+    await bridge.store.retry_dead_letters([letter.id for letter in dead])
+    await _wait_for(lambda: _all_resolved(bridge))
+
+    assert erp_positions(simulator) == stockward_positions(server)
+
+
+async def _all_resolved(bridge: Bridge) -> bool:
+    counts = await bridge.store.count_dead_letters()
+    return sum(counts.values()) > 0 and all(
+        counts[status] == 0
+        for status in (DeadLetterStatus.DEAD, DeadLetterStatus.RETRYING)
+    )
+
+
+async def _wait_for(condition: Callable[[], Awaitable[bool]]) -> None:
+    for _ in range(600):
+        if await condition():
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("condition not met within 30 s")
