@@ -12,6 +12,7 @@ only for a client that sends one request at a time.
 """
 
 import asyncio
+import collections
 import dataclasses
 import hmac
 import json
@@ -50,6 +51,18 @@ SHUTDOWN_TIMEOUT_S = 2.0
 KEEPALIVE_TIMEOUT_S = 15.0
 # Pending connections the socket queues: more than any test or benchmark opens at once.
 BACKLOG = 128
+# Batch request arrivals remembered for tests that check a client's timing (a
+# Retry-After honoured): minutes of traffic at test rates, 40 bytes each.
+ARRIVALS_MAX = 10_000
+
+
+@dataclasses.dataclass(frozen=True)
+class Arrival:
+    """One batch request as it arrived, and the Retry-After it was told (0: none)."""
+
+    arrived_us: int
+    throttled: bool
+    retry_after_s: int
 
 
 class MonotonicClock:
@@ -98,8 +111,17 @@ class ErpSimulator:
         # when the oldest one should finish.
         self._in_progress: dict[int, int] = {}
         self._next_request = 0
+        self.arrivals: collections.deque[Arrival] = collections.deque(
+            maxlen=ARRIVALS_MAX
+        )
         self._runner: web.AppRunner | None = None
         self.port = 0
+
+    @property
+    def max_requests_in_any_second(self) -> int:
+        """Most batch requests that arrived in any one-second window, throttled ones
+        included: above the limit means the client sent too fast."""
+        return self._requests_arriving.peak
 
     def app(self) -> web.Application:
         client_max_size = max(
@@ -176,7 +198,10 @@ class ErpSimulator:
         throttled = self._throttle(now_us, lines)
         if throttled is not None:
             self.stats.throttled += 1
+            retry_after_s = int(throttled.headers["Retry-After"])
+            self.arrivals.append(Arrival(now_us, True, retry_after_s))
             return throttled
+        self.arrivals.append(Arrival(now_us, False, 0))
 
         self._requests_admitted.add(now_us, 1)
         self._lines_admitted.add(now_us, lines)
