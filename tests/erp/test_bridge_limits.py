@@ -7,6 +7,7 @@ import pathlib
 import random
 import sys
 import urllib.request
+from typing import Any
 
 from erp_bridge.bridge import Bridge
 from erp_bridge.simulator import ErpSimulator, Faults, SimulatorConfig
@@ -148,7 +149,7 @@ def _overrides(config: object) -> dict[str, object]:
     return {name: getattr(config, name) for name in fields}
 
 
-async def _cli_status(port: int) -> dict[str, object]:
+async def _cli_status(port: int) -> dict[str, Any]:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -163,7 +164,7 @@ async def _cli_status(port: int) -> dict[str, object]:
     )
     out, err = await process.communicate()
     assert process.returncode == 0, err.decode()
-    answer: dict[str, object] = json.loads(out)
+    answer: dict[str, Any] = json.loads(out)
     return answer
 
 
