@@ -24,7 +24,9 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import random
+from collections.abc import Callable
 
 import asyncpg
 import redis.asyncio as redis_asyncio
@@ -84,6 +86,18 @@ SLOT_LEASE_SLACK_S = 5.0
 
 RETRY_STREAM_SUFFIX = "retry"
 
+# What a loop survives by starting over from the cursor in Postgres: database errors,
+# and the driver's own confusion when a session ends under an operation (asyncpg then
+# hands the connection back to its pool while the operation still holds it).
+RESTARTABLE_ERRORS = (*DATABASE_ERRORS, asyncpg.InternalClientError)
+
+
+def _stop_process(error: BaseException) -> None:
+    # A loop of the bridge ended with an error it cannot survive: a broken invariant
+    # or a bug. Stop loudly; a restart resumes every stream from its cursor.
+    log.critical("stopping: bridge task failed: %r", error)
+    os._exit(70)
+
 
 class Bridge:
     def __init__(
@@ -93,6 +107,7 @@ class Bridge:
         clock: Clock | None = None,
         adapter: ErpAdapter | None = None,
         seed: int | None = None,
+        on_fatal: Callable[[BaseException], None] = _stop_process,
     ) -> None:
         self.config = config
         self.clock = clock or SystemClock()
@@ -103,6 +118,7 @@ class Bridge:
         self.dead_letters: dict[str, int] = {}
         self.divergences = 0
         self._adapter = adapter
+        self._on_fatal = on_fatal
         self._rng = random.Random(seed)
         self._pool: asyncpg.Pool | None = None
         self._redis: redis_asyncio.Redis | None = None
@@ -127,7 +143,11 @@ class Bridge:
             max_size=64 + 4,
             timeout=DATABASE_TIMEOUT_S,
             command_timeout=DATABASE_TIMEOUT_S,
-            server_settings={"search_path": config.database_schema},
+            server_settings={
+                "search_path": config.database_schema,
+                # Names the bridge's sessions for operators (pg_stat_activity).
+                "application_name": application_name(config),
+            },
         )
         shard_count = await self._wait_for_schema()
         self._store = BridgeStore(self._pool, name=config.name)
@@ -188,7 +208,16 @@ class Bridge:
         )
 
     def _spawn(self, coroutine: "asyncio._CoroutineLike[None]", name: str) -> None:
-        self._tasks.append(asyncio.create_task(coroutine, name=name))
+        task = asyncio.create_task(coroutine, name=name)
+        task.add_done_callback(self._task_ended)
+        self._tasks.append(task)
+
+    def _task_ended(self, task: "asyncio.Task[None]") -> None:
+        # Every loop runs until stop() cancels it; any other end is fatal.
+        if task.cancelled():
+            return
+        error = task.exception()
+        self._on_fatal(error or RuntimeError(f"task {task.get_name()} returned"))
 
     def _make_sender(self) -> Sender:
         config = self.config
@@ -266,7 +295,7 @@ class Bridge:
             except StreamTaken as error:
                 log.warning("stream taken: shard=%d error=%s", shard, error)
                 status.state = StreamState.STANDBY
-            except DATABASE_ERRORS as error:
+            except RESTARTABLE_ERRORS as error:
                 log.error("stream database error: shard=%d error=%r", shard, error)
                 status.last_error = f"database: {error!r}"
                 await self.clock.sleep(DATABASE_RETRY_S)
@@ -282,7 +311,7 @@ class Bridge:
             try:
                 await self._feed(shard, conn, status)
             finally:
-                with contextlib.suppress(*DATABASE_ERRORS):
+                with contextlib.suppress(*RESTARTABLE_ERRORS):
                     await conn.execute("SELECT pg_advisory_unlock_all()")
 
     async def _feed(
@@ -441,7 +470,7 @@ class Bridge:
         while True:
             try:
                 sent = await self._retry_once()
-            except DATABASE_ERRORS as error:
+            except RESTARTABLE_ERRORS as error:
                 log.error("retry database error: error=%r", error)
                 sent = False
             if not sent:
@@ -486,7 +515,7 @@ class Bridge:
         while True:
             try:
                 await self._refresh_status()
-            except DATABASE_ERRORS as error:
+            except RESTARTABLE_ERRORS as error:
                 log.warning("status refresh failed: error=%r", error)
             await self.clock.sleep(STATUS_PERIOD_S)
 
@@ -515,6 +544,10 @@ class Bridge:
             self.divergences = await self._pool.fetchval(
                 "SELECT count(*) FROM erp_divergence"
             )
+
+
+def application_name(config: BridgeConfig) -> str:
+    return f"stockward-bridge:{config.name}:{config.database_schema}"
 
 
 def make_adapter(config: BridgeConfig) -> ErpAdapter:

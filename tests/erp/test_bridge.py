@@ -4,12 +4,13 @@ import asyncio
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import asyncpg
 import pytest
 
-from erp_bridge.bridge import Bridge
+from erp_bridge.bridge import Bridge, application_name
 from erp_bridge.simulator import ErpSimulator, Faults, SimulatorConfig
 from erp_bridge.store import DeadLetterStatus
-from tests.conftest import Running, ServerFactory
+from tests.conftest import DATABASE_URL, Running, ServerFactory
 from tests.erp.bridge_support import (
     LOCATIONS,
     bridge_config,
@@ -40,10 +41,13 @@ async def simulator() -> AsyncIterator[ErpSimulator]:
 async def start_bridge(
     schema: str, simulator: ErpSimulator
 ) -> AsyncIterator[BridgeFactory]:
+    """Bridges in this process; a task of theirs that fails fails the test."""
     bridges: list[Bridge] = []
+    failures: list[BaseException] = []
 
     async def start(**overrides: object) -> Bridge:
-        bridge = Bridge(bridge_config(schema, simulator, **overrides), seed=1)
+        config = bridge_config(schema, simulator, **overrides)
+        bridge = Bridge(config, seed=1, on_fatal=failures.append)
         await bridge.start()
         bridges.append(bridge)
         return bridge
@@ -51,6 +55,7 @@ async def start_bridge(
     yield start
     for bridge in bridges:
         await bridge.stop()
+    assert not failures, f"bridge tasks failed: {failures}"
 
 
 @pytest.fixture
@@ -158,3 +163,39 @@ async def _wait_for(condition: Callable[[], Awaitable[bool]]) -> None:
             return
         await asyncio.sleep(0.05)
     raise AssertionError("condition not met within 30 s")
+
+
+async def test_lost_database_sessions_are_resumed_without_loss_or_repeat(
+    server: Running, start_bridge: BridgeFactory, simulator: ErpSimulator, schema: str
+) -> None:
+    skus = [f"SKU-{i}" for i in range(4)]
+    await stock(server, skus, 30)
+    bridge = await start_bridge(feed="ledger", lines_per_request=3)
+    rng = seeded()
+    load = asyncio.create_task(traffic(server, rng, skus, 200))
+
+    # What a Postgres restart does to the bridge: every session of it ends, and with
+    # them the stream locks; the server's sessions are left alone.
+    killed = 0
+    while not load.done():
+        await asyncio.sleep(rng.uniform(0.05, 0.3))
+        killed += await _terminate_sessions(application_name(bridge.config))
+    await load
+    await wait_caught_up(schema)
+
+    assert killed > 0
+    assert erp_positions(simulator) == stockward_positions(server)
+    assert simulator.books.lines_applied == await effects_recorded(schema)
+
+
+async def _terminate_sessions(name: str) -> int:
+    conn = await asyncpg.connect(DATABASE_URL)
+    try:
+        ended: int = await conn.fetchval(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) "
+            "FROM pg_stat_activity WHERE application_name = $1",
+            name,
+        )
+    finally:
+        await conn.close()
+    return ended
