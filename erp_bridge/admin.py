@@ -411,6 +411,8 @@ def status_response(status: BridgeStatus) -> bridge_pb2.GetBridgeStatusResponse:
         divergences=status.divergences,
         delivery_lag_p50_seconds=status.delivery_lag_p50_s,
         delivery_lag_p99_seconds=status.delivery_lag_p99_s,
+        batches_per_second=status.batches_per_s,
+        lines_per_second=status.lines_per_s,
     )
 
 

@@ -117,6 +117,10 @@ class Bridge:
         self.streams: dict[int, StreamStatus] = {}
         self.dead_letters: dict[str, int] = {}
         self.divergences = 0
+        # Batches and lines sent per second over the last status period, and the
+        # counts and time they were measured from.
+        self._rates = (0.0, 0.0)
+        self._rates_from: tuple[float, int, int] | None = None
         self._adapter = adapter
         self._on_fatal = on_fatal
         self._rng = random.Random(seed)
@@ -205,6 +209,8 @@ class Bridge:
             divergences=self.divergences,
             delivery_lag_p50_s=self.lags.percentile(0.50),
             delivery_lag_p99_s=self.lags.percentile(0.99),
+            batches_per_s=self._rates[0],
+            lines_per_s=self._rates[1],
         )
 
     def _spawn(self, coroutine: "asyncio._CoroutineLike[None]", name: str) -> None:
@@ -519,8 +525,21 @@ class Bridge:
                 log.warning("status refresh failed: error=%r", error)
             await self.clock.sleep(STATUS_PERIOD_S)
 
+    def _measure_rates(self) -> None:
+        now_s = asyncio.get_running_loop().time()
+        counters = self.counters
+        if self._rates_from is not None:
+            then_s, batches, lines = self._rates_from
+            elapsed_s = max(now_s - then_s, 1e-3)
+            self._rates = (
+                (counters.batches - batches) / elapsed_s,
+                (counters.lines_out - lines) / elapsed_s,
+            )
+        self._rates_from = (now_s, counters.batches, counters.lines_out)
+
     async def _refresh_status(self) -> None:
         assert self._pool is not None
+        self._measure_rates()
         now_us = SystemClock().now_us()
         for shard, status in self.streams.items():
             row = await self._pool.fetchrow(

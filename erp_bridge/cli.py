@@ -276,6 +276,8 @@ def render_status(status: dict[str, Any]) -> str:
         f"delivery lag p50 {status['delivery_lag_p50_seconds']:.3f} s  p99 "
         f"{status['delivery_lag_p99_seconds']:.3f} s  divergences "
         f"{status['divergences']}",
+        f"sending {status['batches_per_second']:.1f} batches/s  "
+        f"{status['lines_per_second']:.1f} lines/s",
         "dead letters  " + "  ".join(f"{k} {v}" for k, v in counts.items()),
         textwrap.fill(
             "counters  "

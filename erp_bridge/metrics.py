@@ -46,6 +46,13 @@ class StatusCollector(Collector):
 
         yield from self._streams(status)
 
+        for field, text in (
+            ("batches_per_s", "Batches acknowledged per second, last status period."),
+            ("lines_per_s", "Lines sent per second, last status period."),
+        ):
+            rate = GaugeMetricFamily(_PREFIX + field, text, labels=labels)
+            rate.add_metric([status.name], getattr(status, field))
+            yield rate
         ratio = GaugeMetricFamily(
             _PREFIX + "netting_ratio", "Lines read per line sent.", labels=labels
         )

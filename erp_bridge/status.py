@@ -100,3 +100,6 @@ class BridgeStatus:
     divergences: int
     delivery_lag_p50_s: float
     delivery_lag_p99_s: float
+    # Over the last status period.
+    batches_per_s: float = 0.0
+    lines_per_s: float = 0.0

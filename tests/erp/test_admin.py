@@ -109,6 +109,8 @@ SNAPSHOT = BridgeStatus(
     divergences=17,
     delivery_lag_p50_s=0.375,
     delivery_lag_p99_s=4.5,
+    batches_per_s=12.5,
+    lines_per_s=600.25,
 )
 
 
@@ -270,6 +272,8 @@ async def test_status_carries_every_field_of_the_snapshot(bridge: Bridge) -> Non
     assert response.divergences == 17
     assert response.delivery_lag_p50_seconds == 0.375
     assert response.delivery_lag_p99_seconds == 4.5
+    assert response.batches_per_second == 12.5
+    assert response.lines_per_second == 600.25
     counts = response.dead_letters
     assert (counts.dead, counts.retrying, counts.resolved, counts.discarded) == (
         6,

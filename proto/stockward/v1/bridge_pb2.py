@@ -25,47 +25,47 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19stockward/v1/bridge.proto\x12\x0cstockward.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x18\n\x16GetBridgeStatusRequest\"\x80\x03\n\x17GetBridgeStatusResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x04\x66\x65\x65\x64\x18\x02 \x01(\x0e\x32\x18.stockward.v1.BridgeFeed\x12\x10\n\x08\x65ndpoint\x18\x03 \x01(\t\x12\x31\n\x07\x62reaker\x18\x04 \x01(\x0e\x32 .stockward.v1.BridgeBreakerState\x12+\n\x07streams\x18\x05 \x03(\x0b\x32\x1a.stockward.v1.BridgeStream\x12.\n\x08\x63ounters\x18\x06 \x01(\x0b\x32\x1c.stockward.v1.BridgeCounters\x12\x34\n\x0c\x64\x65\x61\x64_letters\x18\x07 \x01(\x0b\x32\x1e.stockward.v1.DeadLetterCounts\x12\x13\n\x0b\x64ivergences\x18\x08 \x01(\x03\x12 \n\x18\x64\x65livery_lag_p50_seconds\x18\t \x01(\x01\x12 \n\x18\x64\x65livery_lag_p99_seconds\x18\n \x01(\x01\"\xdc\x01\n\x0c\x42ridgeStream\x12\r\n\x05shard\x18\x01 \x01(\x05\x12.\n\x05state\x18\x02 \x01(\x0e\x32\x1f.stockward.v1.BridgeStreamState\x12\x11\n\tacked_seq\x18\x03 \x01(\x03\x12\x12\n\nacked_line\x18\x04 \x01(\x05\x12\x16\n\x0e\x61\x63ked_batch_id\x18\x05 \x01(\t\x12\x10\n\x08head_seq\x18\x06 \x01(\x03\x12\x13\n\x0blag_records\x18\x07 \x01(\x03\x12\x13\n\x0blag_seconds\x18\x08 \x01(\x01\x12\x12\n\nlast_error\x18\t \x01(\t\"\xfa\x01\n\x0e\x42ridgeCounters\x12\x0f\n\x07\x62\x61tches\x18\x01 \x01(\x03\x12\x10\n\x08lines_in\x18\x02 \x01(\x03\x12\x11\n\tlines_out\x18\x03 \x01(\x03\x12\x15\n\rbatches_empty\x18\x04 \x01(\x03\x12\x10\n\x08requests\x18\x05 \x01(\x03\x12\x11\n\tthrottled\x18\x06 \x01(\x03\x12\x0f\n\x07retries\x18\x07 \x01(\x03\x12\x12\n\nduplicates\x18\x08 \x01(\x03\x12\x1b\n\x13lines_dead_lettered\x18\t \x01(\x03\x12\x1d\n\x15lines_refused_invalid\x18\n \x01(\x03\x12\x15\n\rnetting_ratio\x18\x0b \x01(\x01\"W\n\x10\x44\x65\x61\x64LetterCounts\x12\x0c\n\x04\x64\x65\x61\x64\x18\x01 \x01(\x03\x12\x10\n\x08retrying\x18\x02 \x01(\x03\x12\x10\n\x08resolved\x18\x03 \x01(\x03\x12\x11\n\tdiscarded\x18\x04 \x01(\x03\"\x9b\x01\n\x07\x45rpLine\x12\x0f\n\x07line_id\x18\x01 \x01(\t\x12\x0b\n\x03sku\x18\x02 \x01(\t\x12\x10\n\x08location\x18\x03 \x01(\t\x12\x15\n\ron_hand_delta\x18\x04 \x01(\x03\x12\x12\n\nheld_delta\x18\x05 \x01(\x03\x12\x16\n\x0ereservation_id\x18\x06 \x01(\t\x12\x0f\n\x07\x63hannel\x18\x07 \x01(\t\x12\x0c\n\x04kind\x18\x08 \x01(\t\"\xc2\x02\n\nDeadLetter\x12\n\n\x02id\x18\x01 \x01(\x03\x12\r\n\x05shard\x18\x02 \x01(\x05\x12\x10\n\x08\x62\x61tch_id\x18\x03 \x01(\t\x12#\n\x04line\x18\x04 \x01(\x0b\x32\x15.stockward.v1.ErpLine\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x0f\n\x07message\x18\x06 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x07 \x01(\x05\x12.\n\x06status\x18\x08 \x01(\x0e\x32\x1e.stockward.v1.DeadLetterStatus\x12\x16\n\x0eretry_batch_id\x18\t \x01(\t\x12\x33\n\x0f\x66irst_failed_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_failed_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"q\n\x16ListDeadLettersRequest\x12\x30\n\x08statuses\x18\x01 \x03(\x0e\x32\x1e.stockward.v1.DeadLetterStatus\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"b\n\x17ListDeadLettersResponse\x12.\n\x0c\x64\x65\x61\x64_letters\x18\x01 \x03(\x0b\x32\x18.stockward.v1.DeadLetter\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"E\n\x17RetryDeadLettersRequest\x12\x0b\n\x03ids\x18\x01 \x03(\x03\x12\r\n\x05\x61\x63tor\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"E\n\x18RetryDeadLettersResponse\x12\x13\n\x0bretried_ids\x18\x01 \x03(\x03\x12\x14\n\x0cnot_dead_ids\x18\x02 \x03(\x03\"G\n\x19\x44iscardDeadLettersRequest\x12\x0b\n\x03ids\x18\x01 \x03(\x03\x12\r\n\x05\x61\x63tor\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"I\n\x1a\x44iscardDeadLettersResponse\x12\x15\n\rdiscarded_ids\x18\x01 \x03(\x03\x12\x14\n\x0cnot_dead_ids\x18\x02 \x03(\x03*\\\n\nBridgeFeed\x12\x1b\n\x17\x42RIDGE_FEED_UNSPECIFIED\x10\x00\x12\x19\n\x15\x42RIDGE_FEED_POSITIONS\x10\x01\x12\x16\n\x12\x42RIDGE_FEED_LEDGER\x10\x02*\x9e\x01\n\x12\x42ridgeBreakerState\x12$\n BRIDGE_BREAKER_STATE_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x42RIDGE_BREAKER_STATE_CLOSED\x10\x01\x12\x1d\n\x19\x42RIDGE_BREAKER_STATE_OPEN\x10\x02\x12\"\n\x1e\x42RIDGE_BREAKER_STATE_HALF_OPEN\x10\x03*\xda\x01\n\x11\x42ridgeStreamState\x12#\n\x1f\x42RIDGE_STREAM_STATE_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x42RIDGE_STREAM_STATE_STANDBY\x10\x01\x12\x1c\n\x18\x42RIDGE_STREAM_STATE_IDLE\x10\x02\x12\x1f\n\x1b\x42RIDGE_STREAM_STATE_SENDING\x10\x03\x12\x1f\n\x1b\x42RIDGE_STREAM_STATE_WAITING\x10\x04\x12\x1f\n\x1b\x42RIDGE_STREAM_STATE_REFUSED\x10\x05*\xb7\x01\n\x10\x44\x65\x61\x64LetterStatus\x12\"\n\x1e\x44\x45\x41\x44_LETTER_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x44\x45\x41\x44_LETTER_STATUS_DEAD\x10\x01\x12\x1f\n\x1b\x44\x45\x41\x44_LETTER_STATUS_RETRYING\x10\x02\x12\x1f\n\x1b\x44\x45\x41\x44_LETTER_STATUS_RESOLVED\x10\x03\x12 \n\x1c\x44\x45\x41\x44_LETTER_STATUS_DISCARDED\x10\x04\x32\xa0\x03\n\x12\x42ridgeAdminService\x12^\n\x0fGetBridgeStatus\x12$.stockward.v1.GetBridgeStatusRequest\x1a%.stockward.v1.GetBridgeStatusResponse\x12^\n\x0fListDeadLetters\x12$.stockward.v1.ListDeadLettersRequest\x1a%.stockward.v1.ListDeadLettersResponse\x12\x61\n\x10RetryDeadLetters\x12%.stockward.v1.RetryDeadLettersRequest\x1a&.stockward.v1.RetryDeadLettersResponse\x12g\n\x12\x44iscardDeadLetters\x12\'.stockward.v1.DiscardDeadLettersRequest\x1a(.stockward.v1.DiscardDeadLettersResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19stockward/v1/bridge.proto\x12\x0cstockward.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x18\n\x16GetBridgeStatusRequest\"\xb6\x03\n\x17GetBridgeStatusResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x04\x66\x65\x65\x64\x18\x02 \x01(\x0e\x32\x18.stockward.v1.BridgeFeed\x12\x10\n\x08\x65ndpoint\x18\x03 \x01(\t\x12\x31\n\x07\x62reaker\x18\x04 \x01(\x0e\x32 .stockward.v1.BridgeBreakerState\x12+\n\x07streams\x18\x05 \x03(\x0b\x32\x1a.stockward.v1.BridgeStream\x12.\n\x08\x63ounters\x18\x06 \x01(\x0b\x32\x1c.stockward.v1.BridgeCounters\x12\x34\n\x0c\x64\x65\x61\x64_letters\x18\x07 \x01(\x0b\x32\x1e.stockward.v1.DeadLetterCounts\x12\x13\n\x0b\x64ivergences\x18\x08 \x01(\x03\x12 \n\x18\x64\x65livery_lag_p50_seconds\x18\t \x01(\x01\x12 \n\x18\x64\x65livery_lag_p99_seconds\x18\n \x01(\x01\x12\x1a\n\x12\x62\x61tches_per_second\x18\x0b \x01(\x01\x12\x18\n\x10lines_per_second\x18\x0c \x01(\x01\"\xdc\x01\n\x0c\x42ridgeStream\x12\r\n\x05shard\x18\x01 \x01(\x05\x12.\n\x05state\x18\x02 \x01(\x0e\x32\x1f.stockward.v1.BridgeStreamState\x12\x11\n\tacked_seq\x18\x03 \x01(\x03\x12\x12\n\nacked_line\x18\x04 \x01(\x05\x12\x16\n\x0e\x61\x63ked_batch_id\x18\x05 \x01(\t\x12\x10\n\x08head_seq\x18\x06 \x01(\x03\x12\x13\n\x0blag_records\x18\x07 \x01(\x03\x12\x13\n\x0blag_seconds\x18\x08 \x01(\x01\x12\x12\n\nlast_error\x18\t \x01(\t\"\xfa\x01\n\x0e\x42ridgeCounters\x12\x0f\n\x07\x62\x61tches\x18\x01 \x01(\x03\x12\x10\n\x08lines_in\x18\x02 \x01(\x03\x12\x11\n\tlines_out\x18\x03 \x01(\x03\x12\x15\n\rbatches_empty\x18\x04 \x01(\x03\x12\x10\n\x08requests\x18\x05 \x01(\x03\x12\x11\n\tthrottled\x18\x06 \x01(\x03\x12\x0f\n\x07retries\x18\x07 \x01(\x03\x12\x12\n\nduplicates\x18\x08 \x01(\x03\x12\x1b\n\x13lines_dead_lettered\x18\t \x01(\x03\x12\x1d\n\x15lines_refused_invalid\x18\n \x01(\x03\x12\x15\n\rnetting_ratio\x18\x0b \x01(\x01\"W\n\x10\x44\x65\x61\x64LetterCounts\x12\x0c\n\x04\x64\x65\x61\x64\x18\x01 \x01(\x03\x12\x10\n\x08retrying\x18\x02 \x01(\x03\x12\x10\n\x08resolved\x18\x03 \x01(\x03\x12\x11\n\tdiscarded\x18\x04 \x01(\x03\"\x9b\x01\n\x07\x45rpLine\x12\x0f\n\x07line_id\x18\x01 \x01(\t\x12\x0b\n\x03sku\x18\x02 \x01(\t\x12\x10\n\x08location\x18\x03 \x01(\t\x12\x15\n\ron_hand_delta\x18\x04 \x01(\x03\x12\x12\n\nheld_delta\x18\x05 \x01(\x03\x12\x16\n\x0ereservation_id\x18\x06 \x01(\t\x12\x0f\n\x07\x63hannel\x18\x07 \x01(\t\x12\x0c\n\x04kind\x18\x08 \x01(\t\"\xc2\x02\n\nDeadLetter\x12\n\n\x02id\x18\x01 \x01(\x03\x12\r\n\x05shard\x18\x02 \x01(\x05\x12\x10\n\x08\x62\x61tch_id\x18\x03 \x01(\t\x12#\n\x04line\x18\x04 \x01(\x0b\x32\x15.stockward.v1.ErpLine\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12\x0f\n\x07message\x18\x06 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x07 \x01(\x05\x12.\n\x06status\x18\x08 \x01(\x0e\x32\x1e.stockward.v1.DeadLetterStatus\x12\x16\n\x0eretry_batch_id\x18\t \x01(\t\x12\x33\n\x0f\x66irst_failed_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_failed_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"q\n\x16ListDeadLettersRequest\x12\x30\n\x08statuses\x18\x01 \x03(\x0e\x32\x1e.stockward.v1.DeadLetterStatus\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"b\n\x17ListDeadLettersResponse\x12.\n\x0c\x64\x65\x61\x64_letters\x18\x01 \x03(\x0b\x32\x18.stockward.v1.DeadLetter\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"E\n\x17RetryDeadLettersRequest\x12\x0b\n\x03ids\x18\x01 \x03(\x03\x12\r\n\x05\x61\x63tor\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"E\n\x18RetryDeadLettersResponse\x12\x13\n\x0bretried_ids\x18\x01 \x03(\x03\x12\x14\n\x0cnot_dead_ids\x18\x02 \x03(\x03\"G\n\x19\x44iscardDeadLettersRequest\x12\x0b\n\x03ids\x18\x01 \x03(\x03\x12\r\n\x05\x61\x63tor\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"I\n\x1a\x44iscardDeadLettersResponse\x12\x15\n\rdiscarded_ids\x18\x01 \x03(\x03\x12\x14\n\x0cnot_dead_ids\x18\x02 \x03(\x03*\\\n\nBridgeFeed\x12\x1b\n\x17\x42RIDGE_FEED_UNSPECIFIED\x10\x00\x12\x19\n\x15\x42RIDGE_FEED_POSITIONS\x10\x01\x12\x16\n\x12\x42RIDGE_FEED_LEDGER\x10\x02*\x9e\x01\n\x12\x42ridgeBreakerState\x12$\n BRIDGE_BREAKER_STATE_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x42RIDGE_BREAKER_STATE_CLOSED\x10\x01\x12\x1d\n\x19\x42RIDGE_BREAKER_STATE_OPEN\x10\x02\x12\"\n\x1e\x42RIDGE_BREAKER_STATE_HALF_OPEN\x10\x03*\xda\x01\n\x11\x42ridgeStreamState\x12#\n\x1f\x42RIDGE_STREAM_STATE_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x42RIDGE_STREAM_STATE_STANDBY\x10\x01\x12\x1c\n\x18\x42RIDGE_STREAM_STATE_IDLE\x10\x02\x12\x1f\n\x1b\x42RIDGE_STREAM_STATE_SENDING\x10\x03\x12\x1f\n\x1b\x42RIDGE_STREAM_STATE_WAITING\x10\x04\x12\x1f\n\x1b\x42RIDGE_STREAM_STATE_REFUSED\x10\x05*\xb7\x01\n\x10\x44\x65\x61\x64LetterStatus\x12\"\n\x1e\x44\x45\x41\x44_LETTER_STATUS_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x44\x45\x41\x44_LETTER_STATUS_DEAD\x10\x01\x12\x1f\n\x1b\x44\x45\x41\x44_LETTER_STATUS_RETRYING\x10\x02\x12\x1f\n\x1b\x44\x45\x41\x44_LETTER_STATUS_RESOLVED\x10\x03\x12 \n\x1c\x44\x45\x41\x44_LETTER_STATUS_DISCARDED\x10\x04\x32\xa0\x03\n\x12\x42ridgeAdminService\x12^\n\x0fGetBridgeStatus\x12$.stockward.v1.GetBridgeStatusRequest\x1a%.stockward.v1.GetBridgeStatusResponse\x12^\n\x0fListDeadLetters\x12$.stockward.v1.ListDeadLettersRequest\x1a%.stockward.v1.ListDeadLettersResponse\x12\x61\n\x10RetryDeadLetters\x12%.stockward.v1.RetryDeadLettersRequest\x1a&.stockward.v1.RetryDeadLettersResponse\x12g\n\x12\x44iscardDeadLetters\x12\'.stockward.v1.DiscardDeadLettersRequest\x1a(.stockward.v1.DiscardDeadLettersResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'stockward.v1.bridge_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_BRIDGEFEED']._serialized_start=2042
-  _globals['_BRIDGEFEED']._serialized_end=2134
-  _globals['_BRIDGEBREAKERSTATE']._serialized_start=2137
-  _globals['_BRIDGEBREAKERSTATE']._serialized_end=2295
-  _globals['_BRIDGESTREAMSTATE']._serialized_start=2298
-  _globals['_BRIDGESTREAMSTATE']._serialized_end=2516
-  _globals['_DEADLETTERSTATUS']._serialized_start=2519
-  _globals['_DEADLETTERSTATUS']._serialized_end=2702
+  _globals['_BRIDGEFEED']._serialized_start=2096
+  _globals['_BRIDGEFEED']._serialized_end=2188
+  _globals['_BRIDGEBREAKERSTATE']._serialized_start=2191
+  _globals['_BRIDGEBREAKERSTATE']._serialized_end=2349
+  _globals['_BRIDGESTREAMSTATE']._serialized_start=2352
+  _globals['_BRIDGESTREAMSTATE']._serialized_end=2570
+  _globals['_DEADLETTERSTATUS']._serialized_start=2573
+  _globals['_DEADLETTERSTATUS']._serialized_end=2756
   _globals['_GETBRIDGESTATUSREQUEST']._serialized_start=76
   _globals['_GETBRIDGESTATUSREQUEST']._serialized_end=100
   _globals['_GETBRIDGESTATUSRESPONSE']._serialized_start=103
-  _globals['_GETBRIDGESTATUSRESPONSE']._serialized_end=487
-  _globals['_BRIDGESTREAM']._serialized_start=490
-  _globals['_BRIDGESTREAM']._serialized_end=710
-  _globals['_BRIDGECOUNTERS']._serialized_start=713
-  _globals['_BRIDGECOUNTERS']._serialized_end=963
-  _globals['_DEADLETTERCOUNTS']._serialized_start=965
-  _globals['_DEADLETTERCOUNTS']._serialized_end=1052
-  _globals['_ERPLINE']._serialized_start=1055
-  _globals['_ERPLINE']._serialized_end=1210
-  _globals['_DEADLETTER']._serialized_start=1213
-  _globals['_DEADLETTER']._serialized_end=1535
-  _globals['_LISTDEADLETTERSREQUEST']._serialized_start=1537
-  _globals['_LISTDEADLETTERSREQUEST']._serialized_end=1650
-  _globals['_LISTDEADLETTERSRESPONSE']._serialized_start=1652
-  _globals['_LISTDEADLETTERSRESPONSE']._serialized_end=1750
-  _globals['_RETRYDEADLETTERSREQUEST']._serialized_start=1752
-  _globals['_RETRYDEADLETTERSREQUEST']._serialized_end=1821
-  _globals['_RETRYDEADLETTERSRESPONSE']._serialized_start=1823
-  _globals['_RETRYDEADLETTERSRESPONSE']._serialized_end=1892
-  _globals['_DISCARDDEADLETTERSREQUEST']._serialized_start=1894
-  _globals['_DISCARDDEADLETTERSREQUEST']._serialized_end=1965
-  _globals['_DISCARDDEADLETTERSRESPONSE']._serialized_start=1967
-  _globals['_DISCARDDEADLETTERSRESPONSE']._serialized_end=2040
-  _globals['_BRIDGEADMINSERVICE']._serialized_start=2705
-  _globals['_BRIDGEADMINSERVICE']._serialized_end=3121
+  _globals['_GETBRIDGESTATUSRESPONSE']._serialized_end=541
+  _globals['_BRIDGESTREAM']._serialized_start=544
+  _globals['_BRIDGESTREAM']._serialized_end=764
+  _globals['_BRIDGECOUNTERS']._serialized_start=767
+  _globals['_BRIDGECOUNTERS']._serialized_end=1017
+  _globals['_DEADLETTERCOUNTS']._serialized_start=1019
+  _globals['_DEADLETTERCOUNTS']._serialized_end=1106
+  _globals['_ERPLINE']._serialized_start=1109
+  _globals['_ERPLINE']._serialized_end=1264
+  _globals['_DEADLETTER']._serialized_start=1267
+  _globals['_DEADLETTER']._serialized_end=1589
+  _globals['_LISTDEADLETTERSREQUEST']._serialized_start=1591
+  _globals['_LISTDEADLETTERSREQUEST']._serialized_end=1704
+  _globals['_LISTDEADLETTERSRESPONSE']._serialized_start=1706
+  _globals['_LISTDEADLETTERSRESPONSE']._serialized_end=1804
+  _globals['_RETRYDEADLETTERSREQUEST']._serialized_start=1806
+  _globals['_RETRYDEADLETTERSREQUEST']._serialized_end=1875
+  _globals['_RETRYDEADLETTERSRESPONSE']._serialized_start=1877
+  _globals['_RETRYDEADLETTERSRESPONSE']._serialized_end=1946
+  _globals['_DISCARDDEADLETTERSREQUEST']._serialized_start=1948
+  _globals['_DISCARDDEADLETTERSREQUEST']._serialized_end=2019
+  _globals['_DISCARDDEADLETTERSRESPONSE']._serialized_start=2021
+  _globals['_DISCARDDEADLETTERSRESPONSE']._serialized_end=2094
+  _globals['_BRIDGEADMINSERVICE']._serialized_start=2759
+  _globals['_BRIDGEADMINSERVICE']._serialized_end=3175
 # @@protoc_insertion_point(module_scope)

@@ -168,6 +168,8 @@ class GetBridgeStatusResponse(_message.Message):
     DIVERGENCES_FIELD_NUMBER: _builtins.int
     DELIVERY_LAG_P50_SECONDS_FIELD_NUMBER: _builtins.int
     DELIVERY_LAG_P99_SECONDS_FIELD_NUMBER: _builtins.int
+    BATCHES_PER_SECOND_FIELD_NUMBER: _builtins.int
+    LINES_PER_SECOND_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The bridge's name: part of every batch and line id it sends."""
     feed: Global___BridgeFeed.ValueType
@@ -188,6 +190,10 @@ class GetBridgeStatusResponse(_message.Message):
     """
     delivery_lag_p99_seconds: _builtins.float
     """As delivery_lag_p50_seconds, the 99th percentile."""
+    batches_per_second: _builtins.float
+    """Batches acknowledged per second, over the last status period (about a second)."""
+    lines_per_second: _builtins.float
+    """Lines sent per second, after netting, over the same period."""
     @_builtins.property
     def streams(self) -> _containers.RepeatedCompositeFieldContainer[Global___BridgeStream]:
         """One per stream this process reports on, owned or on standby; ordered by shard."""
@@ -213,10 +219,12 @@ class GetBridgeStatusResponse(_message.Message):
         divergences: _builtins.int = ...,
         delivery_lag_p50_seconds: _builtins.float = ...,
         delivery_lag_p99_seconds: _builtins.float = ...,
+        batches_per_second: _builtins.float = ...,
+        lines_per_second: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["counters", b"counters", "dead_letters", b"dead_letters"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["breaker", b"breaker", "counters", b"counters", "dead_letters", b"dead_letters", "delivery_lag_p50_seconds", b"delivery_lag_p50_seconds", "delivery_lag_p99_seconds", b"delivery_lag_p99_seconds", "divergences", b"divergences", "endpoint", b"endpoint", "feed", b"feed", "name", b"name", "streams", b"streams"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batches_per_second", b"batches_per_second", "breaker", b"breaker", "counters", b"counters", "dead_letters", b"dead_letters", "delivery_lag_p50_seconds", b"delivery_lag_p50_seconds", "delivery_lag_p99_seconds", b"delivery_lag_p99_seconds", "divergences", b"divergences", "endpoint", b"endpoint", "feed", b"feed", "lines_per_second", b"lines_per_second", "name", b"name", "streams", b"streams"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
