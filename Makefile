@@ -1,5 +1,6 @@
-# stockward: `make run` serves the demo catalogue, `make test` runs every check.
-# Both create the virtualenv and bring up Postgres when they need to.
+# stockward: `make run` serves the demo (server with a demo catalogue, ERP simulator
+# and bridge), `make test` runs every check. Both create the virtualenv and bring up
+# Postgres and Redis when they need to.
 
 PYTHON ?= python3
 VENV := .venv
@@ -20,9 +21,15 @@ $(STAMP): pyproject.toml
 
 services: $(STAMP)
 	$(PY) -m server.devenv postgres
+	$(PY) -m server.devenv redis
+
+# The whole demo in the foreground: Redis (a private one if none answers), the ERP
+# simulator, the server with the demo catalogue and the ERP bridge; Ctrl-C stops them.
+# Ports and schema: see `$(PY) -m server.stack --help`, e.g. STACK_FLAGS=--help.
+STACK_FLAGS ?=
 
 run: services
-	$(PY) -m server --demo-catalogue
+	$(PY) -m server.stack $(STACK_FLAGS)
 
 proto: $(STAMP)
 	$(PY) proto/generate.py

@@ -13,7 +13,6 @@ import dataclasses
 import logging
 import os
 import pathlib
-import shutil
 import signal
 import socket
 import sys
@@ -22,8 +21,9 @@ from collections.abc import Sequence
 
 import asyncpg
 import grpc
-import redis.asyncio as redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from server import devenv
 
 log = logging.getLogger(__name__)
 
@@ -193,49 +193,20 @@ async def ensure_redis(url: str, data_dir: pathlib.Path) -> RedisHandle | None:
     """A Redis to measure against: the one at `url` if it answers, else a private
     one (working in `data_dir`, which must exist); None when there is none and none
     can be started."""
-    if await _answers(url):
+    if await devenv.redis_answers(url):
         return RedisHandle(url)
-    binary = shutil.which("redis-server")
-    if binary is None:
-        log.warning("redis unavailable: url=%s no redis-server installed", url)
-        return None
     port = free_port()
-    process = await asyncio.create_subprocess_exec(
-        binary,
-        "--bind",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--save",
-        "",
-        "--appendonly",
-        "no",
-        "--dir",
-        str(data_dir),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    private = RedisHandle(f"redis://127.0.0.1:{port}/0", process)
-    deadline = time.monotonic() + REDIS_START_WAIT_S
-    while time.monotonic() < deadline:
-        if await _answers(private.url):
-            log.info("redis started: port=%d pid=%d", port, process.pid)
-            return private
-        await asyncio.sleep(0.05)
-    await private.close()
-    log.warning("redis did not start: port=%d", port)
-    return None
-
-
-async def _answers(url: str) -> bool:
-    client = redis.from_url(url, socket_connect_timeout=1.0, socket_timeout=1.0)
     try:
-        return bool(await client.ping())
-    except (redis.ConnectionError, redis.TimeoutError, OSError):
-        return False
-    finally:
-        await client.aclose()
+        process = await devenv.start_private_redis(
+            port=port,
+            data_dir=data_dir,
+            deadline=devenv.Deadline.after(REDIS_START_WAIT_S),
+        )
+    except devenv.DevenvError as err:
+        log.warning("redis unavailable: url=%s reason=%s", url, err)
+        return None
+    log.info("redis started: port=%d pid=%d", port, process.pid)
+    return RedisHandle(f"redis://127.0.0.1:{port}/0", process)
 
 
 def cpu_count() -> int:

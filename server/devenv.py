@@ -1,4 +1,4 @@
-"""Bring up the PostgreSQL that `make run` and `make test` talk to.
+"""Bring up the PostgreSQL and Redis that `make run`, `make test` and benchmarks use.
 
 `python -m server.devenv postgres` makes the URL in STOCKWARD_DATABASE_URL usable,
 trying the cheapest remedy first:
@@ -19,6 +19,12 @@ tolerable only because it listens on loopback and nowhere else. It pins `fsync`,
 file or ALTER SYSTEM can weaken the guarantees the service is tested against. It keeps
 running after this command exits; `python -m server.devenv stop-private` stops it with
 pg_ctl, which signals only the pid recorded in that server's own postmaster.pid.
+
+Redis (the ERP bridge's shared quota, one benchmark baseline) is handled in the same
+spirit but not from the command line: `redis_answers` says whether a URL is usable and
+`start_private_redis` starts a redis-server as a child of the caller, which owns it and
+stops it. Unlike the private Postgres it keeps nothing: it runs without snapshots or an
+append-only file, because the quota it holds is worth a second of traffic at most.
 """
 
 from __future__ import annotations
@@ -43,8 +49,10 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import asyncpg
+import redis.asyncio as redis
 
 logger = logging.getLogger(__name__)
 
@@ -78,14 +86,23 @@ ADMIN_DATABASE = "postgres"
 DEFAULT_PORT = 5432
 DEBIAN_CONFIG_DIR = Path("/etc/postgresql")
 
+# A Redis on loopback answers PING in well under a millisecond; a second tells a dead
+# port from a busy server without making the check slow.
+REDIS_PING_TIMEOUT_S = 1.0
+# The Redis the ERP bridge and its tests use unless told otherwise.
+REDIS_URL_ENV = "STOCKWARD_REDIS_URL"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+REDIS_DEFAULT_PORT = 6379
+
 
 class DevenvError(Exception):
-    """The database could not be made usable; the message says what was tried."""
+    """Postgres or Redis could not be made usable; the message says what was tried."""
 
 
 class Command(enum.Enum):
     POSTGRES = "postgres"
     STOP_PRIVATE = "stop-private"
+    REDIS = "redis"
 
 
 @dataclass(frozen=True)
@@ -104,12 +121,17 @@ class DatabaseTarget:
 
     @property
     def is_loopback(self) -> bool:
-        if self.host == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(self.host).is_loopback
-        except ValueError:
-            return False
+        return is_loopback_host(self.host)
+
+
+def is_loopback_host(host: str) -> bool:
+    """Whether `host` names this machine, so that a server for it can be started."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -671,6 +693,136 @@ def _try_in_order(
     return start_private(target, url=url, paths=paths, deadline=deadline)
 
 
+async def redis_answers(url: str, *, timeout_s: float = REDIS_PING_TIMEOUT_S) -> bool:
+    """Whether a Redis at `url` answers PING within the timeout."""
+    client = redis.from_url(
+        url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s
+    )
+    try:
+        async with asyncio.timeout(timeout_s):
+            return bool(await client.ping())
+    except (redis.RedisError, OSError, TimeoutError):
+        return False
+    finally:
+        await client.aclose()
+
+
+def private_redis_argv(*, port: int, data_dir: Path) -> list[str]:
+    """The redis-server command line: loopback only, nothing written to disk."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise DevenvError(
+            "no Redis answers and redis-server is not installed; install it "
+            "(apt-get install redis-server) or point the Redis URL at a running one"
+        )
+    return [
+        binary,
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        # Foreground, so the caller's process handle is the server itself.
+        "--daemonize",
+        "no",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(data_dir),
+    ]
+
+
+async def start_private_redis(
+    *,
+    port: int,
+    data_dir: Path,
+    deadline: Deadline,
+    output: int | IO[bytes] = subprocess.DEVNULL,
+    process_group: int = 0,
+) -> asyncio.subprocess.Process:
+    """Start redis-server on 127.0.0.1:`port` and return it once it answers PING.
+
+    `data_dir` must exist. The server is the caller's child and the caller stops it.
+    `process_group` 0 gives it a group of its own, so a Ctrl-C meant for the caller
+    does not reach it first; a launcher that keeps its children together passes its
+    group instead. Its log goes to `output`.
+    """
+    argv = private_redis_argv(port=port, data_dir=data_dir)
+    process = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=subprocess.DEVNULL,
+        stdout=output,
+        stderr=output,
+        process_group=process_group,
+    )
+    logger.info("private redis starting: port=%d pid=%d", port, process.pid)
+    try:
+        await _until_redis_answers(process, port=port, deadline=deadline)
+    except BaseException:
+        # Failed or cancelled: the caller never learns of this server, so stop it.
+        if process.returncode is None:
+            process.kill()
+        await asyncio.shield(process.wait())
+        raise
+    return process
+
+
+async def _until_redis_answers(
+    process: asyncio.subprocess.Process, *, port: int, deadline: Deadline
+) -> None:
+    url = f"redis://127.0.0.1:{port}/0"
+    while True:
+        timeout_s = min(REDIS_PING_TIMEOUT_S, deadline.remaining_s())
+        if timeout_s > 0.0 and await redis_answers(url, timeout_s=timeout_s):
+            return
+        if process.returncode is not None:
+            raise DevenvError(
+                f"redis-server exited {process.returncode} on port {port} "
+                "(is the port taken?)"
+            )
+        if deadline.remaining_s() == 0.0:
+            raise DevenvError(f"redis-server on port {port} did not answer in time")
+        await asyncio.sleep(min(POLL_INTERVAL_S, deadline.remaining_s()))
+
+
+def ensure_redis(url: str, *, data_dir: Path, deadline: Deadline) -> str:
+    """Make the Redis at `url` answer: as it is, or by starting a private redis-server
+    on this machine that outlives this command (as a Debian cluster started here
+    would); its pid is kept in `data_dir/redis.pid`."""
+    if asyncio.run(redis_answers(url)):
+        return f"redis: answering at {url}"
+    parsed = urllib.parse.urlsplit(url)
+    if not is_loopback_host(parsed.hostname or "127.0.0.1"):
+        raise DevenvError(f"no Redis answers at {url}, and it is not on this machine")
+    port = parsed.port or REDIS_DEFAULT_PORT
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with (data_dir / "redis.log").open("ab") as output:
+        process = subprocess.Popen(
+            private_redis_argv(port=port, data_dir=data_dir),
+            stdin=subprocess.DEVNULL,
+            stdout=output,
+            stderr=output,
+            # A session of its own: it stays up after make's shell ends.
+            start_new_session=True,
+        )
+    (data_dir / "redis.pid").write_text(f"{process.pid}\n")
+    while not asyncio.run(redis_answers(url)):
+        if process.poll() is not None:
+            raise DevenvError(
+                f"redis-server exited {process.returncode}; see redis.log"
+            )
+        if deadline.remaining_s() == 0.0:
+            process.kill()
+            raise DevenvError(f"redis-server on port {port} did not answer in time")
+        time.sleep(POLL_INTERVAL_S)
+    return (
+        f"redis: started a private redis-server (pid {process.pid}) on port {port}, "
+        f"nothing saved to disk; stop it with: kill {process.pid}"
+    )
+
+
 def load_config(argv: Sequence[str] | None, environ: Mapping[str, str]) -> DevenvConfig:
     parser = argparse.ArgumentParser(
         prog="python -m server.devenv",
@@ -688,6 +840,9 @@ def load_config(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Deven
     stop = commands.add_parser(
         Command.STOP_PRIVATE.value, help="stop the private server started by 'postgres'"
     )
+    commands.add_parser(
+        Command.REDIS.value, help=f"make {REDIS_URL_ENV} (or the default) answer"
+    )
     data_dir_help = (
         f"private server directory (default: ${PRIVATE_DIR_ENV}, .data/postgres)"
     )
@@ -697,7 +852,7 @@ def load_config(argv: Sequence[str] | None, environ: Mapping[str, str]) -> Deven
         )
     args = parser.parse_args(argv)
 
-    private_dir = args.data_dir or Path(
+    private_dir = getattr(args, "data_dir", None) or Path(
         environ.get(PRIVATE_DIR_ENV) or DEFAULT_PRIVATE_DIR
     )
     database_url = environ.get(DATABASE_URL_ENV) or DEFAULT_DATABASE_URL
@@ -728,7 +883,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     logger.addHandler(trouble)
     try:
         config = load_config(argv, os.environ)
-        if config.command is Command.STOP_PRIVATE:
+        if config.command is Command.REDIS:
+            line = ensure_redis(
+                os.environ.get(REDIS_URL_ENV) or DEFAULT_REDIS_URL,
+                data_dir=REPO_ROOT / ".data" / "redis",
+                deadline=Deadline.after(COMMAND_BUDGET_S),
+            )
+        elif config.command is Command.STOP_PRIVATE:
             paths = PrivateServerPaths(config.private_dir)
             line = stop_private(paths, deadline=Deadline.after(STOP_BUDGET_S))
         else:

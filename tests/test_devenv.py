@@ -229,3 +229,33 @@ def test_database_url_fills_gaps_like_libpq_and_is_shown_without_password() -> N
         "clerk",
     )
     assert not from_environ.is_loopback
+
+
+async def test_redis_command_leaves_a_running_redis_alone() -> None:
+    environ = dict(os.environ, **{devenv.REDIS_URL_ENV: devenv.DEFAULT_REDIS_URL})
+
+    outcome = await run_devenv("redis", environ=environ)
+
+    assert outcome.returncode == 0, outcome.stderr
+    assert "redis: answering at" in outcome.stdout
+
+
+async def test_redis_command_starts_a_private_redis_that_outlives_it() -> None:
+    port = free_loopback_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    environ = dict(os.environ, **{devenv.REDIS_URL_ENV: url})
+
+    outcome = await run_devenv("redis", environ=environ)
+
+    assert outcome.returncode == 0, outcome.stderr
+    assert "started a private redis-server" in outcome.stdout
+    pid = int((devenv.REPO_ROOT / ".data" / "redis" / "redis.pid").read_text())
+    try:
+        assert await devenv.redis_answers(url)
+    finally:
+        os.kill(pid, signal.SIGTERM)
+    for _ in range(100):
+        if not await devenv.redis_answers(url, timeout_s=0.1):
+            break
+        await asyncio.sleep(0.05)
+    assert not await devenv.redis_answers(url, timeout_s=0.1)
