@@ -3,7 +3,8 @@ baselines in one run, on this machine, then a report under benchmarks/results/.
 
 It starts what it needs (stockward and the baselines as child processes, a private
 Redis if none answers), stops them by pid afterwards and drops the schemas and keys
-it made. Targets are ratios reported as met or missed, never asserted.
+it made. Targets are ratios reported as met or missed, never asserted. The ERP
+bridge's figures (benchmarks/bridge.py) come last, each on a rig of its own.
 """
 
 import argparse
@@ -19,6 +20,7 @@ from collections.abc import AsyncIterator, Sequence
 import tqdm
 import uvloop
 
+from benchmarks import bridge as bridge_bench
 from benchmarks import scenarios
 from benchmarks.load import LoadFigures, LoadResult, Progress
 from benchmarks.pg_ceiling import measure_insert_ceiling
@@ -32,7 +34,7 @@ from benchmarks.report import (
 )
 from benchmarks.report import System as SystemInfo
 from benchmarks.scenarios import FULL, QUICK, SMOKE, Bench, Sizes
-from benchmarks.services import ensure_redis
+from benchmarks.services import RedisHandle, ensure_redis
 from benchmarks.systems import (
     System,
     make_naive_pg,
@@ -111,6 +113,9 @@ async def main_async(args: argparse.Namespace) -> int:
                 bench, stockward, naive, noop, redis_lua
             )
             recovery_row, recovery_target = await _recovery(bench, args, log_dir)
+        bridge_part = await _bridge(
+            args, mode=mode, log_dir=log_dir, redis_handle=redis_handle, bars=bars
+        )
     finally:
         bars.close()
         if redis_handle is not None:
@@ -118,7 +123,9 @@ async def main_async(args: argparse.Namespace) -> int:
 
     scenario_rows.append(recovery_row)
     targets.append(recovery_target)
-    notes += _standing_notes(sizes)
+    scenario_rows += bridge_part.scenarios
+    targets += bridge_part.targets
+    notes += _standing_notes(sizes) + bridge_part.notes
     results = {
         "metadata": collect_metadata(mode=mode),
         "systems": [
@@ -350,6 +357,38 @@ async def _recovery(
         detail=f"slower restart {worst_s:.1f} s with {figures.holds:,} holds",
     )
     return scenario, target
+
+
+async def _bridge(
+    args: argparse.Namespace,
+    *,
+    mode: str,
+    log_dir: pathlib.Path,
+    redis_handle: RedisHandle | None,
+    bars: Bars,
+) -> bridge_bench.BridgePart:
+    """The ERP bridge's figures (benchmarks/bridge.py), on rigs of its own once the
+    systems above have stopped. The smoke run leaves them out to stay short; the
+    bridge's own smoke test runs `python -m benchmarks.bridge --smoke`."""
+    if mode == "smoke":
+        return bridge_bench.BridgePart(
+            [], [], ["The ERP bridge is left out of --smoke."]
+        )
+    if redis_handle is None:
+        return bridge_bench.BridgePart(
+            [],
+            [],
+            ["Redis was not available: the ERP bridge (which needs it) is left out."],
+        )
+    bench = bridge_bench.BridgeBench(
+        sizes=bridge_bench.sizes_for(mode),
+        database_url=args.database_url,
+        redis_url=redis_handle.url,
+        log_dir=log_dir,
+        shards=args.shards,
+        progress=bars,
+    )
+    return await bridge_bench.measure(bench)
 
 
 def _restart_figures(figures: scenarios.RecoveryFigures) -> LoadFigures:

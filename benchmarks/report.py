@@ -8,7 +8,8 @@ values, so that a report can be rendered again later from results.json alone:
 - scenarios: each with a name, a description and one row per system and variant
   measured (`Row`): the load figures from LoadResult.to_json(), CPU seconds per 1,000
   reservations and peak RSS per process, reservations per write-ahead commit where
-  known, and correctness checks that passed or failed;
+  known, and correctness checks that passed or failed; and, where a scenario states
+  expected figures (the ERP bridge's), each figure against its estimate (`ExpectedFigure`);
 - targets: the ratios the caller computed against our targets, each met or missed;
 - notes: caveats worth reading before the figures.
 
@@ -112,10 +113,25 @@ class Row(TypedDict):
     """Present on rows that vary a batch size: they are also charted against it."""
 
 
+class ExpectedFigure(TypedDict):
+    """One figure measured against the figure expected of it (the ERP bridge's)."""
+
+    name: str
+    unit: str
+    expected: float
+    measured: float
+    estimate: str
+    """How `expected` was worked out, in a sentence."""
+    verdict: str
+    """A short reading of the two, e.g. "0.98x expected" or "never above 20: yes"."""
+
+
 class Scenario(TypedDict):
     name: str
     description: str
     rows: list[Row]
+    figures: NotRequired[list[ExpectedFigure]]
+    """Present on scenarios that state expected figures: shown above the rows."""
 
 
 class System(TypedDict):
@@ -198,6 +214,10 @@ def validate_results(results: Mapping[str, Any]) -> Results:
             _require(row["load"], LoadFigures, f"{where}.load")
             for c, check in enumerate(_items(row["checks"], f"{where}.checks")):
                 _require(check, Check, f"{where}.checks[{c}]")
+        for f, figure in enumerate(
+            _items(scenario.get("figures", []), f"scenarios[{s}].figures")
+        ):
+            _require(figure, ExpectedFigure, f"results.scenarios[{s}].figures[{f}]")
     for index, target in enumerate(_items(results["targets"], "targets")):
         _require(target, Target, f"results.targets[{index}]")
     _items(results["notes"], "notes")
@@ -358,6 +378,7 @@ def _systems_section(results: Results) -> list[str]:
 
 def _scenario_section(scenario: Scenario, charts: list[tuple[str, str]]) -> list[str]:
     lines = [f"## Scenario: {scenario['name']}", "", scenario["description"], ""]
+    lines += _figures_table(scenario.get("figures", []))
     rows = scenario["rows"]
     if not rows:
         return [*lines, "Nothing was measured in this scenario.", ""]
@@ -410,6 +431,31 @@ def _scenario_section(scenario: Scenario, charts: list[tuple[str, str]]) -> list
     for title, path in charts:
         lines += [f"![{title}]({path})", ""]
     return lines
+
+
+def _figures_table(figures: list[ExpectedFigure]) -> list[str]:
+    """Measured against expected, with how each expectation was estimated."""
+    if not figures:
+        return []
+    lines = [
+        "| Figure | Expected | Measured | Measured / expected | Reading "
+        "| How it was estimated |",
+        "|---|--:|--:|--:|---|---|",
+    ]
+    for figure in figures:
+        expected, measured = figure["expected"], figure["measured"]
+        unit = figure["unit"]
+        lines.append(
+            _table_row(
+                figure["name"],
+                f"{_number(expected)} {unit}",
+                f"{_number(measured)} {unit}",
+                _ratio(measured / expected) if expected else "n/a",
+                figure["verdict"],
+                figure["estimate"],
+            )
+        )
+    return [*lines, ""]
 
 
 def _notes_section(notes: list[str]) -> list[str]:
