@@ -25,6 +25,7 @@ import dataclasses
 import json
 import logging
 import os
+import pathlib
 import random
 from collections.abc import Callable
 
@@ -45,7 +46,7 @@ from erp_bridge.adapters.http import HttpAdapter
 from erp_bridge.batches import Stretch, build, stretch_to, take, without_line
 from erp_bridge.breaker import Backoff, CircuitBreaker
 from erp_bridge.config import BridgeConfig
-from erp_bridge.rate_limit import SharedLimiter, limit_for_window
+from erp_bridge.rate_limit import RateLimit, SharedLimiter, limit_for_window
 from erp_bridge.reader import RECORDS_PER_READ_MAX, StreamReader
 from erp_bridge.sender import LINES, REQUESTS, Sender
 from erp_bridge.slots import SharedSlots
@@ -234,10 +235,16 @@ class Bridge:
             self._redis,
             key_prefix=config.quota_key,
             limits=[
-                limit_for_window(REQUESTS, config.requests_per_s, burst=1),
+                _with_allowance(
+                    limit_for_window(REQUESTS, config.requests_per_s, burst=1),
+                    config.send_delay_allowance_ms,
+                ),
                 # A full request's lines must fit in one burst, or it could never go.
-                limit_for_window(
-                    LINES, config.lines_per_s, burst=config.lines_per_request
+                _with_allowance(
+                    limit_for_window(
+                        LINES, config.lines_per_s, burst=config.lines_per_request
+                    ),
+                    config.send_delay_allowance_ms,
                 ),
             ],
             clock=self.clock,
@@ -362,16 +369,17 @@ class Bridge:
         window_us = int(self.config.batch_window_s * US_PER_S)
         first_seen_us: int | None = None
         while True:
-            records = await reader.read(
-                conn, position, records_max=RECORDS_PER_READ_MAX
-            )
+            # Records carry a line or more, bar policy changes: a batch's worth and
+            # one more tell a full batch without decoding records it will not send.
+            records_max = min(RECORDS_PER_READ_MAX, lines_max + 1)
+            records = await reader.read(conn, position, records_max=records_max)
             stretch = take(records, position, lines_max=lines_max)
             if stretch is not None:
                 now_us = self.clock.now_us()
                 first_seen_us = first_seen_us or now_us
                 is_full = (
                     len(stretch.lines) >= lines_max
-                    or len(records) >= RECORDS_PER_READ_MAX
+                    or len(records) >= records_max
                     or not stretch.lines
                 )
                 if is_full or now_us - first_seen_us >= window_us:
@@ -565,12 +573,27 @@ class Bridge:
             )
 
 
+def _with_allowance(limit: RateLimit, allowance_ms: int) -> RateLimit:
+    """The limit slowed so that a send delayed by up to allowance_ms after its
+    admission (a busy event loop, a slot to wait for) cannot land in the same ERP
+    second as the sends admitted a full second after it. The window guarantee of
+    rate_limit.py holds for admission times; stretching the window it is computed
+    for by the allowance extends it to arrival times that lag by at most that much."""
+    stretch = 1.0 + allowance_ms / 1_000
+    return RateLimit(
+        limit.name, rate_per_s=limit.rate_per_s / stretch, burst=limit.burst
+    )
+
+
 def application_name(config: BridgeConfig) -> str:
     return f"stockward-bridge:{config.name}:{config.database_schema}"
 
 
 def make_adapter(config: BridgeConfig) -> ErpAdapter:
     if config.adapter == "file":
+        # Made at start for convenience; vanishing later is the ERP side's fault
+        # and shows as failed sends.
+        pathlib.Path(config.drop_dir).mkdir(parents=True, exist_ok=True)
         return FileDropAdapter(directory=config.drop_dir)
     header: tuple[str, str] | None = None
     if config.erp_auth_header:

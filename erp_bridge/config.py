@@ -52,6 +52,10 @@ class BridgeConfig:
     concurrent_requests_max: int = 4
     # One request may take this long before it counts as failed (and is resent).
     request_timeout_s: float = 10.0
+    # The quota is taken when a send is admitted, the ERP counts when it arrives; a
+    # send may lag its admission by this much (event loop, slot) without a sliding
+    # second at the ERP ever seeing more than its limit. Costs 2% of the rate.
+    send_delay_allowance_ms: int = 20
 
     # A batch waits at most this long for more lines before it goes out part full.
     batch_window_s: float = 0.5
@@ -139,6 +143,8 @@ def validate(config: BridgeConfig) -> None:
         < 1
     ):
         raise SystemExit("the ERP limits must all be at least 1")
+    if not 0 <= config.send_delay_allowance_ms <= 1_000:
+        raise SystemExit("--send-delay-allowance-ms must be within 0..1000")
     if config.lines_per_request > config.lines_per_s:
         # A full request could then never be admitted by the lines-per-second limit.
         raise SystemExit("--lines-per-request may not exceed --lines-per-s")

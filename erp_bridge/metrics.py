@@ -80,7 +80,8 @@ class StatusCollector(Collector):
         yield divergences
         lag = GaugeMetricFamily(
             _PREFIX + "delivery_lag_seconds",
-            "Commit to ERP acknowledgement, over recent batches.",
+            "Age of each batch's oldest record when the ERP acknowledged the "
+            "batch, over recent batches (an upper bound on the lag of its records).",
             labels=["quantile"],
         )
         lag.add_metric(["0.5"], status.delivery_lag_p50_s)

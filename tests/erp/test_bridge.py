@@ -1,6 +1,9 @@
 """The bridge end to end: a real server, Postgres, Redis and the ERP simulator."""
 
 import asyncio
+import hashlib
+import json
+import pathlib
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -10,17 +13,20 @@ import pytest
 from erp_bridge.bridge import Bridge, application_name
 from erp_bridge.simulator import ErpSimulator, Faults, SimulatorConfig
 from erp_bridge.store import DeadLetterStatus
+from stockward.v1 import inventory_pb2
 from tests.conftest import DATABASE_URL, Running, ServerFactory
 from tests.erp.bridge_support import (
     LOCATIONS,
     bridge_config,
     effects_recorded,
     erp_positions,
+    progress,
     stock,
     stockward_positions,
     traffic,
     wait_caught_up,
 )
+from tests.erp.conftest import SHARDS
 
 BridgeFactory = Callable[..., Awaitable[Bridge]]
 
@@ -149,6 +155,10 @@ async def test_dead_letters_do_not_block_the_rest_and_a_retry_books_them(
     assert erp_positions(simulator) == stockward_positions(server)
 
 
+async def _cursors_made(schema: str) -> bool:
+    return len((await progress(schema)).acked) == SHARDS
+
+
 async def _all_resolved(bridge: Bridge) -> bool:
     counts = await bridge.store.count_dead_letters()
     return sum(counts.values()) > 0 and all(
@@ -199,3 +209,69 @@ async def _terminate_sessions(name: str) -> int:
     finally:
         await conn.close()
     return ended
+
+
+async def test_a_flash_sale_nets_to_a_line_per_position(
+    server: Running, start_bridge: BridgeFactory, simulator: ErpSimulator, schema: str
+) -> None:
+    await stock(server, ["HOT"], 100)
+    for order in range(40):
+        await server.inventory.Reserve(
+            inventory_pb2.ReserveRequest(
+                request_id=f"sale-{order}",
+                channel="web",
+                lines=[
+                    inventory_pb2.ReserveLine(sku="HOT", quantity=1, location="DC-1")
+                ],
+            )
+        )
+
+    bridge = await start_bridge(feed="positions", lines_per_request=100)
+    await wait_caught_up(schema)
+
+    assert simulator.books.positions[("HOT", "DC-1")].held == 40
+    assert bridge.counters.lines_in == 42
+    assert bridge.counters.lines_out <= 3
+    assert bridge.counters.netting_ratio >= 14
+
+
+async def test_a_new_bridge_told_to_start_at_the_end_sends_only_what_follows(
+    server: Running, start_bridge: BridgeFactory, simulator: ErpSimulator, schema: str
+) -> None:
+    await stock(server, ["OLD"], 10)
+
+    await start_bridge(feed="ledger", start_from="end")
+    await _wait_for(lambda: _cursors_made(schema))
+    await stock(server, ["NEW"], 5)
+    await wait_caught_up(schema)
+
+    assert {sku for sku, _ in simulator.books.positions} == {"NEW"}
+
+
+async def test_file_drop_batches_add_up_to_stockwards_positions(
+    server: Running, start_bridge: BridgeFactory, schema: str, tmp_path: pathlib.Path
+) -> None:
+    skus = ["A", "B", "C"]
+    await stock(server, skus, 20)
+    drop = tmp_path / "drop"
+    await start_bridge(
+        feed="ledger", adapter="file", drop_dir=str(drop), lines_per_request=10
+    )
+
+    await traffic(server, seeded(), skus, 80)
+    await wait_caught_up(schema)
+
+    totals: dict[tuple[str, str], list[int]] = {}
+    manifests = sorted(drop.glob("*.manifest.json"))
+    assert len(manifests) == len(list(drop.glob("*.jsonl"))) > 1
+    for manifest in manifests:
+        described = json.loads(manifest.read_text())
+        body = (drop / f"{described['batch_id']}.jsonl").read_bytes()
+        assert hashlib.sha256(body).hexdigest() == described["sha256"]
+        for text in body.decode().splitlines():
+            line = json.loads(text)
+            at = totals.setdefault((line["sku"], line["location"]), [0, 0])
+            at[0] += line["on_hand_delta"]
+            at[1] += line["held_delta"]
+    dropped = {at: (v[0], v[1]) for at, v in totals.items() if v != [0, 0]}
+    assert dropped == stockward_positions(server)
