@@ -546,9 +546,10 @@ async def _wait_for_first_request(erp: Rig) -> None:
 
 def expected_admitted_per_s(limits: ErpLimits) -> float:
     """Requests/s a GCRA with burst 1 admits when a request is always waiting: one
-    per interval, each late by the admission slop, which the next interval counts
-    from."""
-    interval_s = 1 / limits.requests_per_s
+    per interval, stretched by the bridge's send-delay allowance, each late by the
+    admission slop, which the next interval counts from."""
+    stretch = 1 + BridgeConfig.send_delay_allowance_ms / 1_000
+    interval_s = stretch / limits.requests_per_s
     return 1 / (interval_s + ADMISSION_SLOP_S)
 
 
@@ -561,7 +562,8 @@ def _backlog_figures(
     admitted_per_s = (arrived - throttled) / elapsed_s
     lines_per_s = (last.lines_applied - first.lines_applied) / elapsed_s
     expected_per_s = expected_admitted_per_s(LIMITS)
-    interval_ms = 1000 / LIMITS.requests_per_s
+    allowance_ms = BridgeConfig.send_delay_allowance_ms
+    interval_ms = (1000 + allowance_ms) / LIMITS.requests_per_s
     cycle_ms = LIMITS.latency_ms + STREAM_OVERHEAD_S * 1000
     peak_requests = int(stats["max_requests_in_any_second"])
     peak_lines = int(stats["max_lines_in_any_second"])
@@ -572,7 +574,8 @@ def _backlog_figures(
             expected=expected_per_s,
             measured=admitted_per_s,
             estimate=(
-                f"GCRA, burst 1: one request per {interval_ms:g} ms, each about "
+                f"GCRA, burst 1, a second stretched by the {allowance_ms} ms "
+                f"send-delay allowance: one request per {interval_ms:g} ms, each about "
                 f"{ADMISSION_SLOP_S * 1000:g} ms late (timer and Redis round trip). "
                 f"The rate binds: {streams} streams, one request in flight each, "
                 f"could send one per {cycle_ms:g} ms each ({LIMITS.latency_ms} ms "
