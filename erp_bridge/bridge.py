@@ -81,6 +81,8 @@ SCHEMA_WAIT_S = 60.0
 STATUS_PERIOD_S = 1.0
 # Queued dead-letter retries are looked for this often.
 RETRY_POLL_S = 1.0
+# Connections beyond one per stream: status, dead-letter retries and admin calls.
+POOL_EXTRA_CONNECTIONS = 4
 # A slot lease outlives the request it covers by this much, so a slow answer never
 # lets another process take the slot while the request is still running.
 SLOT_LEASE_SLACK_S = 5.0
@@ -140,26 +142,23 @@ class Bridge:
 
     async def start(self) -> None:
         config = self.config
+        shard_count = await self._wait_for_schema()
+        shards = config.shard_list(shard_count)
         self._pool = await asyncpg.create_pool(
             config.database_url,
             min_size=1,
             # One connection per owned stream (it holds the ownership lock), plus
             # status, retries and admin calls.
-            max_size=64 + 4,
+            max_size=len(shards) + POOL_EXTRA_CONNECTIONS,
             timeout=DATABASE_TIMEOUT_S,
             command_timeout=DATABASE_TIMEOUT_S,
-            server_settings={
-                "search_path": config.database_schema,
-                # Names the bridge's sessions for operators (pg_stat_activity).
-                "application_name": application_name(config),
-            },
+            server_settings=self._session_settings(),
         )
-        shard_count = await self._wait_for_schema()
         self._store = BridgeStore(self._pool, name=config.name)
 
         self._redis = redis_asyncio.Redis.from_url(config.redis_url)
         self._sender = self._make_sender()
-        for shard in config.shard_list(shard_count):
+        for shard in shards:
             self.streams[shard] = StreamStatus(shard=shard)
             self._spawn(self._run_stream(shard), f"stream-{shard}")
         self._spawn(self._run_retries(), "retries")
@@ -277,18 +276,34 @@ class Bridge:
             request_timeout_s=config.request_timeout_s,
         )
 
+    def _session_settings(self) -> dict[str, str]:
+        return {
+            "search_path": self.config.database_schema,
+            # Names the bridge's sessions for operators (pg_stat_activity).
+            "application_name": application_name(self.config),
+        }
+
     async def _wait_for_schema(self) -> int:
         """The shard count the server created the schema with, once it has."""
-        assert self._pool is not None
         deadline = asyncio.get_running_loop().time() + SCHEMA_WAIT_S
         while True:
-            with contextlib.suppress(asyncpg.UndefinedTableError):
-                value = await self._pool.fetchval(
-                    "SELECT value FROM stockward_meta WHERE key = 'shard_count'"
+            with contextlib.suppress(asyncpg.UndefinedTableError, *DATABASE_ERRORS):
+                conn = await asyncpg.connect(
+                    self.config.database_url,
+                    timeout=DATABASE_TIMEOUT_S,
+                    command_timeout=DATABASE_TIMEOUT_S,
+                    server_settings=self._session_settings(),
                 )
-                if value is not None and await self._pool.fetchval(
-                    "SELECT to_regclass('bridge_cursors') IS NOT NULL"
-                ):
+                try:
+                    value = await conn.fetchval(
+                        "SELECT value FROM stockward_meta WHERE key = 'shard_count'"
+                    )
+                    has_bridge_tables = await conn.fetchval(
+                        "SELECT to_regclass('bridge_cursors') IS NOT NULL"
+                    )
+                finally:
+                    await conn.close()
+                if value is not None and has_bridge_tables:
                     return int(value)
             if asyncio.get_running_loop().time() > deadline:
                 raise SystemExit(
@@ -415,6 +430,8 @@ class Bridge:
         self.counters.lines_out += len(batch.lines)
         self.counters.lines_dead_lettered += len(refused)
         if stretch.oldest_committed_us:
+            # Postgres stamped the commit with its wall clock, so the lag is read on
+            # the wall clock too, whatever clock drives the bridge's waits.
             self.lags.add(
                 (SystemClock().now_us() - stretch.oldest_committed_us) / US_PER_S
             )
