@@ -12,7 +12,14 @@ from collections.abc import Sequence
 from erp_bridge.adapters import ErpBatch, ErpLine, Feed
 from erp_bridge.reader import StreamRecord
 from server.engine.errors import ensure
-from server.wal.feed import FeedLine, StreamPosition, batch_id, line_id, stream_name
+from server.wal.feed import (
+    REDUCED_MARK,
+    FeedLine,
+    StreamPosition,
+    batch_id,
+    line_id,
+    stream_name,
+)
 
 # The kind of a netted line: it sums the effects of several commitments.
 NET_KIND = "net"
@@ -118,11 +125,17 @@ def _netted(batch_id_: str, lines: Sequence[FeedLine]) -> tuple[ErpLine, ...]:
 
 
 def without_line(batch: ErpBatch, index: int) -> ErpBatch:
-    """The batch less one line the ERP refused as invalid; the id stays, since the ERP
-    keeps nothing of a batch it refused."""
+    """The batch less one line the ERP refused as invalid, under an id of its own
+    (`<id>.x1`, `<id>.x2`, ...): an ERP that remembers even refused batch ids must not
+    see other content under the first one. The ERP refuses the same lines in the same
+    order after a restart, so the ids stay deterministic."""
     ensure(0 <= index < len(batch.lines), f"line {index} of {len(batch.lines)}")
     lines = batch.lines[:index] + batch.lines[index + 1 :]
-    return dataclasses.replace(batch, lines=lines)
+    base, _, removed = batch.batch_id.partition(REDUCED_MARK)
+    count = int(removed) + 1 if removed else 1
+    return dataclasses.replace(
+        batch, batch_id=f"{base}{REDUCED_MARK}{count}", lines=lines
+    )
 
 
 def stretch_to(

@@ -88,11 +88,17 @@ POOL_EXTRA_CONNECTIONS = 4
 SLOT_LEASE_SLACK_S = 5.0
 
 RETRY_STREAM_SUFFIX = "retry"
+# The retry stream's lock, beside the shards' (which are never negative).
+RETRY_STREAM_LOCK = -1
 
 # What a loop survives by starting over from the cursor in Postgres: database errors,
 # and the driver's own confusion when a session ends under an operation (asyncpg then
 # hands the connection back to its pool while the operation still holds it).
 RESTARTABLE_ERRORS = (*DATABASE_ERRORS, asyncpg.InternalClientError)
+
+
+class PlannedBatchTooLarge(Exception):
+    """A planned batch has more lines than the configuration now lets a request carry."""
 
 
 def _stop_process(error: BaseException) -> None:
@@ -118,6 +124,8 @@ class Bridge:
         self.counters = Counters()
         self.lags = LagSamples()
         self.streams: dict[int, StreamStatus] = {}
+        # The dead-letter retry stream, reported beside the shards' streams.
+        self.retry_status = StreamStatus(shard=RETRY_STREAM_LOCK)
         self.dead_letters: dict[str, int] = {}
         self.divergences = 0
         # Batches and lines sent per second over the last status period, and the
@@ -202,7 +210,11 @@ class Bridge:
             endpoint=self.endpoint,
             breaker=breaker.state,
             streams=tuple(
-                dataclasses.replace(s) for _, s in sorted(self.streams.items())
+                dataclasses.replace(s)
+                for s in (
+                    self.retry_status,
+                    *(v for _, v in sorted(self.streams.items())),
+                )
             ),
             counters=dataclasses.replace(self.counters),
             dead_letters=dict(self.dead_letters),
@@ -347,7 +359,7 @@ class Bridge:
     ) -> None:
         reader = StreamReader(shard=shard, timeout_s=DATABASE_TIMEOUT_S)
         cursor = await self.store.load_cursor(
-            shard, start_at_end=self.config.start_from == "end"
+            conn, shard, start_at_end=self.config.start_from == "end"
         )
         position = cursor.acked
         status.acked_seq, status.acked_line = position.seq, position.line
@@ -363,13 +375,15 @@ class Bridge:
                 position,
                 cursor.inflight,
             )
-            await self._ship(shard, stretch, cursor.inflight_feed, status)
+            await self._ship(conn, shard, stretch, cursor.inflight_feed, status)
             position = stretch.end
 
         while True:
             stretch = await self._next_stretch(conn, reader, position, status)
-            await self.store.plan(shard, position, stretch.end, self.feed)
-            await self._ship(shard, stretch, self.feed, status)
+            await self.store.plan(
+                conn, shard=shard, acked=position, end=stretch.end, feed=self.feed
+            )
+            await self._ship(conn, shard, stretch, self.feed, status)
             position = stretch.end
 
     async def _next_stretch(
@@ -403,11 +417,24 @@ class Bridge:
             await self.clock.sleep(self.config.poll_interval_s)
 
     async def _ship(
-        self, shard: int, stretch: Stretch, feed: Feed, status: StreamStatus
+        self,
+        conn: asyncpg.Connection,
+        shard: int,
+        stretch: Stretch,
+        feed: Feed,
+        status: StreamStatus,
     ) -> None:
         """Deliver a planned stretch and move the cursor past it."""
         assert self._sender is not None
         batch = build(name=self.config.name, shard=shard, feed=feed, stretch=stretch)
+        if len(batch.lines) > self.config.lines_per_request:
+            # Planned before --lines-per-request was lowered: it must go as planned,
+            # and the quota could never admit it.
+            raise PlannedBatchTooLarge(
+                f"shard {shard} has a planned batch {batch.batch_id} of "
+                f"{len(batch.lines)} lines; restart with --lines-per-request of at "
+                "least that until it is delivered"
+            )
         refused: list[Refused] = []
         acknowledgement = None
         if batch.lines:
@@ -418,6 +445,7 @@ class Bridge:
         if acknowledgement is not None:
             refused += self._rejected(batch, acknowledgement)
         await self.store.acknowledge(
+            conn,
             shard=shard,
             start=stretch.start,
             end=stretch.end,
@@ -498,22 +526,36 @@ class Bridge:
     # Dead-letter retries.
 
     async def _run_retries(self) -> None:
+        """Dead letters queued for a retry, one batch at a time, by one process of
+        this bridge name at a time (the retry stream's own lock)."""
+        assert self._pool is not None
         while True:
             try:
-                sent = await self._retry_once()
+                async with self._pool.acquire() as conn:
+                    if await self.store.try_own(conn, RETRY_STREAM_LOCK):
+                        try:
+                            while await self._retry_once(conn):
+                                pass
+                        finally:
+                            with contextlib.suppress(*RESTARTABLE_ERRORS):
+                                await conn.execute("SELECT pg_advisory_unlock_all()")
             except RESTARTABLE_ERRORS as error:
                 log.error("retry database error: error=%r", error)
-                sent = False
-            if not sent:
-                await self.clock.sleep(RETRY_POLL_S)
+            await self.clock.sleep(RETRY_POLL_S)
 
-    async def _retry_once(self) -> bool:
-        assert self._sender is not None
+    async def _retry_once(self, conn: asyncpg.Connection) -> bool:
+        """Send one retry batch; False when none is queued."""
         letters = await self.store.claim_retry_batch(
-            lines_max=self.config.lines_per_request
+            conn, lines_max=self.config.lines_per_request
         )
         if not letters:
             return False
+        if len(letters) > self.config.lines_per_request:
+            raise PlannedBatchTooLarge(
+                f"the retry batch {letters[0].retry_batch_id} holds {len(letters)} "
+                "dead letters; restart with --lines-per-request of at least that "
+                "until it is delivered"
+            )
         retry_id = letters[0].retry_batch_id
         assert retry_id is not None
         batch = ErpBatch(
@@ -522,16 +564,10 @@ class Bridge:
             feed=self.feed,
             lines=tuple(letter.line for letter in letters),
         )
-        status = StreamStatus(shard=-1)
-        try:
-            acknowledgement = await self._sender.deliver(batch, status)
-            rejected = list(acknowledgement.rejected)
-        except (BatchRefused, BatchConflict) as error:
-            rejected = [
-                LineRejection(line.line_id, "BATCH_REFUSED", str(error))
-                for line in batch.lines
-            ]
-        await self.store.settle_retry_batch(letters, rejected)
+
+        rejected = await self._deliver_retry(batch)
+
+        await self.store.settle_retry_batch(conn, letters, rejected)
         log.info(
             "dead letters retried: batch_id=%s lines=%d refused_again=%d",
             retry_id,
@@ -539,6 +575,29 @@ class Bridge:
             len(rejected),
         )
         return True
+
+    async def _deliver_retry(self, batch: ErpBatch) -> list[LineRejection]:
+        """What the ERP refused of a retry batch. A line it names as invalid is left
+        out and the rest resent; a batch refused as a whole is refused line by line,
+        back to the operator, rather than retried without end."""
+        assert self._sender is not None
+        rejected: list[LineRejection] = []
+        while batch.lines:
+            try:
+                acknowledgement = await self._sender.deliver(batch, self.retry_status)
+            except BatchRefused as error:
+                index = error.line_index
+                if index is None or not 0 <= index < len(batch.lines):
+                    reason = "BATCH_REFUSED"
+                    return rejected + _refuse_all(batch, reason, error)
+                line = batch.lines[index]
+                rejected.append(LineRejection(line.line_id, "INVALID_LINE", str(error)))
+                batch = without_line(batch, index)
+                continue
+            except BatchConflict as error:
+                return rejected + _refuse_all(batch, "BATCH_CONFLICT", error)
+            return rejected + list(acknowledgement.rejected)
+        return rejected
 
     # Status.
 
@@ -567,6 +626,10 @@ class Bridge:
         self._measure_rates()
         now_us = SystemClock().now_us()
         for shard, status in self.streams.items():
+            if status.state is StreamState.STANDBY:
+                # Another process feeds it and reports its lag.
+                status.lag_records, status.lag_s = 0, 0.0
+                continue
             row = await self._pool.fetchrow(
                 "SELECT (SELECT coalesce(max(seq), 0) FROM wal_records "
                 "WHERE shard = $1) AS head, "
@@ -588,6 +651,10 @@ class Bridge:
             self.divergences = await self._pool.fetchval(
                 "SELECT count(*) FROM erp_divergence"
             )
+
+
+def _refuse_all(batch: ErpBatch, reason: str, error: Exception) -> list[LineRejection]:
+    return [LineRejection(line.line_id, reason, str(error)) for line in batch.lines]
 
 
 def _with_allowance(limit: RateLimit, allowance_ms: int) -> RateLimit:

@@ -1,9 +1,11 @@
 """Delivering one batch to the ERP: within the shared quota, through the breaker,
 again and again until the ERP acknowledges it or refuses it outright.
 
-Design note. Every attempt first takes its cost from the shared quota in Redis (one
-request, and one cell per line), then a slot of the ERP's concurrent-request limit,
-and only then sends. A 429 is honoured for every process sharing the quota: its
+Design note. Every attempt first takes a slot of the ERP's concurrent-request limit,
+then its cost from the shared quota in Redis (one request, and one cell per line), and
+sends at once: the quota counts admissions while the ERP counts arrivals, so nothing
+that can wait long may stand between the two (the config's send-delay allowance covers
+the rest). A 429 is honoured for every process sharing the quota: its
 Retry-After pushes the shared limits forward, so nobody sends before it ends. A 5xx,
 a timeout or an answer that makes no sense counts against the breaker and is followed
 by a capped, jittered backoff; the same batch is then resent, which the ERP recognises
@@ -15,6 +17,8 @@ import logging
 
 from erp_bridge.adapters import (
     Acknowledgement,
+    BatchConflict,
+    BatchRefused,
     ErpAdapter,
     ErpBatch,
     Throttled,
@@ -37,12 +41,24 @@ log = logging.getLogger(__name__)
 REQUESTS = "requests"
 LINES = "lines"
 
-# How long one attempt may wait for the quota or a slot before it looks again (and
-# reports itself waiting); the ERP's own backlog can keep a stream waiting longer.
+# How long one attempt may wait for a slot before it looks again (and reports itself
+# waiting); the ERP's own backlog can keep a stream waiting longer.
 QUOTA_WAIT_S = 30.0
+# How long an attempt holding a slot may wait for the rate quota: well inside the
+# slot's lease (the request timeout plus five seconds), so the lease cannot lapse
+# while the request has yet to be sent.
+QUOTA_WAIT_IN_SLOT_S = 2.0
 # Redis down: the bridge cannot know the shared quota, so it sends nothing and looks
 # again this often. Sending blind could break the ERP's limits for every process.
 REDIS_RETRY_S = 1.0
+
+
+class _NotSent(Exception):
+    """The attempt sent nothing (no slot, no quota, Redis down); try after a while."""
+
+    def __init__(self, retry_in_s: float) -> None:
+        super().__init__(f"not sent; again in {retry_in_s} s")
+        self.retry_in_s = retry_in_s
 
 
 class Sender:
@@ -73,25 +89,23 @@ class Sender:
         failures = 0
         while True:
             status.state = StreamState.WAITING
-            if not await self._admitted(batch, status):
+            wait_s = self._breaker.wait_s()
+            if wait_s > 0:
+                status.last_error = f"breaker open for {self._breaker.endpoint}"
+                await self._clock.sleep(wait_s)
                 continue
 
-            status.state = StreamState.SENDING
+            # From here this sender may be the breaker's one probe: every way out
+            # must tell the breaker how it went, or no stream would send again.
             try:
-                acknowledgement = await self._attempt(batch)
-            except SlotTimeout:
-                # Every concurrent slot stayed taken: nothing was sent; queue again.
+                acknowledgement = await self._attempt(batch, status)
+            except _NotSent as error:
                 self._breaker.release_probe()
-                continue
-            except RateLimiterUnavailable as error:
-                self._breaker.release_probe()
-                status.last_error = f"shared quota unavailable: {error}"
-                log.error(
-                    "slots unavailable: batch_id=%s error=%s", batch.batch_id, error
-                )
-                await self._clock.sleep(REDIS_RETRY_S)
+                await self._clock.sleep(error.retry_in_s)
                 continue
             except Throttled as error:
+                # The ERP answered: it is up, and said when to come back.
+                self._breaker.succeeded()
                 self._counters.throttled += 1
                 await self._hold_off(error.retry_after_s, batch, status)
                 continue
@@ -99,54 +113,93 @@ class Sender:
                 failures += 1
                 self._counters.retries += 1
                 self._breaker.failed()
-                delay_s = self._backoff.delay_s(failures - 1)
-                status.last_error = f"ERP failed: {error}"
-                log.warning(
-                    "erp attempt failed: batch_id=%s attempt=%d retry_in_s=%.2f "
-                    "error=%s",
-                    batch.batch_id,
-                    failures,
-                    delay_s,
-                    error,
-                )
-                await self._clock.sleep(delay_s)
+                await self._back_off(batch, status, error, failures)
                 continue
+            except (BatchRefused, BatchConflict):
+                self._breaker.succeeded()
+                raise
+            except BaseException:
+                self._breaker.release_probe()
+                raise
 
             self._breaker.succeeded()
             status.last_error = ""
             return acknowledgement
 
-    async def _admitted(self, batch: ErpBatch, status: StreamStatus) -> bool:
-        """Wait for the breaker and the shared quota; False means look again."""
-        wait_s = self._breaker.wait_s()
-        if wait_s > 0:
-            status.last_error = f"breaker open for {self._breaker.endpoint}"
-            await self._clock.sleep(wait_s)
-            return False
-
-        costs = {REQUESTS: 1, LINES: max(1, len(batch.lines))}
+    async def _attempt(self, batch: ErpBatch, status: StreamStatus) -> Acknowledgement:
+        """One send: a concurrent slot first, then the rate quota, then the request,
+        so that nothing but the event loop stands between admission and arrival."""
         try:
-            await self._limiter.wait_and_acquire(costs, deadline_s=QUOTA_WAIT_S)
-        except RateLimitTimeout:
-            self._breaker.release_probe()
-            return False
+            lease = await self._slots.wait_and_acquire(deadline_s=QUOTA_WAIT_S)
+        except SlotTimeout as error:
+            raise _NotSent(0.0) from error
         except RateLimiterUnavailable as error:
-            self._breaker.release_probe()
-            status.last_error = f"shared quota unavailable: {error}"
-            log.error("quota unavailable: batch_id=%s error=%s", batch.batch_id, error)
-            await self._clock.sleep(REDIS_RETRY_S)
-            return False
-        return True
+            self._redis_down("slots", batch, status, error)
+            raise _NotSent(REDIS_RETRY_S) from error
 
-    async def _attempt(self, batch: ErpBatch) -> Acknowledgement:
-        self._counters.requests += 1
-        async with self._slots.slot(deadline_s=QUOTA_WAIT_S):
+        may_still_run = False
+        try:
+            await self._take_quota(batch, status)
+            status.state = StreamState.SENDING
+            self._counters.requests += 1
             acknowledgement = await self._adapter.send(
                 batch, timeout_s=self._request_timeout_s
             )
+        except Transient as error:
+            may_still_run = error.may_still_run
+            raise
+        finally:
+            # A request that got no answer may still run at the ERP: its slot is
+            # left to lapse with its lease rather than handed to the next request.
+            if not may_still_run:
+                await self._release(lease.token)
+
         if acknowledgement.duplicate:
             self._counters.duplicates += 1
         return acknowledgement
+
+    async def _take_quota(self, batch: ErpBatch, status: StreamStatus) -> None:
+        # The slot's lease runs while this waits, so the wait stays well inside it;
+        # a longer one (a shared hold-off) gives the slot back and comes again.
+        costs = {REQUESTS: 1, LINES: max(1, len(batch.lines))}
+        try:
+            await self._limiter.wait_and_acquire(costs, deadline_s=QUOTA_WAIT_IN_SLOT_S)
+        except RateLimitTimeout as error:
+            status.last_error = "waiting for the shared ERP quota"
+            raise _NotSent(QUOTA_WAIT_IN_SLOT_S) from error
+        except RateLimiterUnavailable as error:
+            self._redis_down("quota", batch, status, error)
+            raise _NotSent(REDIS_RETRY_S) from error
+
+    async def _release(self, token: str) -> None:
+        try:
+            await self._slots.release(token)
+        except RateLimiterUnavailable as error:
+            # The lease lapses on its own; nothing else is lost.
+            log.warning("slot release failed: error=%s", error)
+
+    def _redis_down(
+        self, what: str, batch: ErpBatch, status: StreamStatus, error: Exception
+    ) -> None:
+        status.last_error = f"shared {what} unavailable: {error}"
+        log.error(
+            "shared %s unavailable: batch_id=%s error=%s", what, batch.batch_id, error
+        )
+
+    async def _back_off(
+        self, batch: ErpBatch, status: StreamStatus, error: Transient, failures: int
+    ) -> None:
+        delay_s = self._backoff.delay_s(failures - 1)
+        status.last_error = f"ERP failed: {error}"
+        status.state = StreamState.WAITING
+        log.warning(
+            "erp attempt failed: batch_id=%s attempt=%d retry_in_s=%.2f error=%s",
+            batch.batch_id,
+            failures,
+            delay_s,
+            error,
+        )
+        await self._clock.sleep(delay_s)
 
     async def _hold_off(
         self, retry_after_s: float, batch: ErpBatch, status: StreamStatus

@@ -108,42 +108,55 @@ class BridgeStore:
         )
         return bool(owned)
 
-    async def load_cursor(self, shard: int, *, start_at_end: bool) -> Cursor:
-        """The stream's cursor, created at the first record or after the last."""
-        async with self._pool.acquire() as conn:
-            start_seq = 0
-            if start_at_end:
-                start_seq = await conn.fetchval(
-                    "SELECT coalesce(max(seq), 0) FROM wal_records WHERE shard = $1",
-                    shard,
-                    timeout=DATABASE_TIMEOUT_S,
-                )
-            await conn.execute(
-                "INSERT INTO bridge_cursors (name, shard, acked_seq) VALUES ($1, $2, $3) "
-                "ON CONFLICT (name, shard) DO NOTHING",
+    async def load_cursor(
+        self, conn: asyncpg.Connection, shard: int, *, start_at_end: bool
+    ) -> Cursor:
+        """The stream's cursor. A new one starts after the last record (start_at_end)
+        or before the first one still retained: records pruned before this bridge
+        name existed were never its to send."""
+        bound = "max(seq)" if start_at_end else "min(seq) - 1"
+        created = await conn.fetchval(
+            "INSERT INTO bridge_cursors (name, shard, acked_seq) "
+            f"SELECT $1, $2, coalesce({bound}, 0) FROM wal_records WHERE shard = $2 "
+            "ON CONFLICT (name, shard) DO NOTHING RETURNING acked_seq",
+            self._name,
+            shard,
+            timeout=DATABASE_TIMEOUT_S,
+        )
+        if created:
+            log.warning(
+                "cursor created past records: name=%s shard=%d acked_seq=%d",
                 self._name,
                 shard,
-                start_seq,
-                timeout=DATABASE_TIMEOUT_S,
+                created,
             )
-            row = await conn.fetchrow(
-                "SELECT * FROM bridge_cursors WHERE name = $1 AND shard = $2",
-                self._name,
-                shard,
-                timeout=DATABASE_TIMEOUT_S,
-            )
+        row = await conn.fetchrow(
+            "SELECT * FROM bridge_cursors WHERE name = $1 AND shard = $2",
+            self._name,
+            shard,
+            timeout=DATABASE_TIMEOUT_S,
+        )
         ensure(row is not None, f"cursor of shard {shard} vanished")
         return _cursor(row)
 
     async def plan(
-        self, shard: int, acked: StreamPosition, end: StreamPosition, feed: Feed
+        self,
+        conn: asyncpg.Connection,
+        *,
+        shard: int,
+        acked: StreamPosition,
+        end: StreamPosition,
+        feed: Feed,
     ) -> None:
-        """Record the batch about to be sent, before it is sent."""
+        """Record the batch about to be sent, before it is sent.
+
+        `conn` holds the stream's ownership lock: a process that lost its session,
+        and with it the lock, cannot plan over the new owner's plan."""
         ensure(acked < end, f"a batch from {acked} to {end} covers nothing")
-        status = await self._pool.execute(
+        status = await conn.execute(
             "UPDATE bridge_cursors SET inflight_seq = $5, inflight_line = $6, "
             "inflight_feed = $7 WHERE name = $1 AND shard = $2 "
-            "AND acked_seq = $3 AND acked_line = $4",
+            "AND acked_seq = $3 AND acked_line = $4 AND inflight_seq IS NULL",
             self._name,
             shard,
             acked.seq,
@@ -158,6 +171,7 @@ class BridgeStore:
 
     async def acknowledge(
         self,
+        conn: asyncpg.Connection,
         *,
         shard: int,
         start: StreamPosition,
@@ -166,14 +180,15 @@ class BridgeStore:
         refused: Sequence[Refused],
     ) -> None:
         """Move the cursor past an acknowledged batch and keep its refused lines, in
-        one transaction."""
+        one transaction on the connection holding the stream's lock."""
         ensure(start < end, f"acknowledged batch {batch_id} covers nothing")
-        async with self._pool.acquire() as conn, conn.transaction():
+        async with conn.transaction():
             status = await conn.execute(
                 "UPDATE bridge_cursors SET acked_seq = $5, acked_line = $6, "
                 "acked_batch_id = $7, acked_at = now(), inflight_seq = NULL, "
                 "inflight_line = NULL, inflight_feed = NULL "
-                "WHERE name = $1 AND shard = $2 AND acked_seq = $3 AND acked_line = $4",
+                "WHERE name = $1 AND shard = $2 AND acked_seq = $3 AND acked_line = $4 "
+                "AND inflight_seq = $8 AND inflight_line = $9",
                 self._name,
                 shard,
                 start.seq,
@@ -181,6 +196,8 @@ class BridgeStore:
                 end.seq,
                 end.line,
                 batch_id,
+                end.seq,
+                end.line,
                 timeout=DATABASE_TIMEOUT_S,
             )
             if status != "UPDATE 1":
@@ -274,16 +291,21 @@ class BridgeStore:
         )
         return moved
 
-    async def claim_retry_batch(self, *, lines_max: int) -> list[DeadLetter]:
+    async def claim_retry_batch(
+        self, conn: asyncpg.Connection, *, lines_max: int
+    ) -> list[DeadLetter]:
         """The dead letters of the retry batch to send next: the one a crash left
-        unacknowledged, else a new one from those queued for retry."""
-        async with self._pool.acquire() as conn, conn.transaction():
+        unacknowledged, else a new one from those queued for retry. `conn` holds the
+        retry stream's lock, so one process claims and settles at a time."""
+        ensure(0 < lines_max <= DEAD_LETTERS_PAGE_MAX, f"retry batch of {lines_max}")
+        async with conn.transaction():
             rows = await conn.fetch(
                 "SELECT * FROM bridge_dead_letters WHERE name = $1 AND status = "
                 "'retrying' AND retry_batch_id = (SELECT min(retry_batch_id) FROM "
                 "bridge_dead_letters WHERE name = $1 AND status = 'retrying') "
-                "ORDER BY id",
+                "ORDER BY id LIMIT $2",
                 self._name,
+                DEAD_LETTERS_PAGE_MAX,
                 timeout=DATABASE_TIMEOUT_S,
             )
             if rows:
@@ -311,18 +333,27 @@ class BridgeStore:
         return [dataclasses.replace(x, retry_batch_id=batch_id) for x in letters]
 
     async def settle_retry_batch(
-        self, letters: Sequence[DeadLetter], rejected: Sequence[LineRejection]
+        self,
+        conn: asyncpg.Connection,
+        letters: Sequence[DeadLetter],
+        rejected: Sequence[LineRejection],
     ) -> None:
-        """Resolve the retried lines the ERP booked; the refused ones die again."""
+        """Resolve the retried lines the ERP booked; the refused ones die again. Only
+        rows still in this very retry batch move."""
         again = {r.line_id: r for r in rejected if r.reason != ALREADY_APPLIED}
-        async with self._pool.acquire() as conn, conn.transaction():
+        async with conn.transaction():
             for letter in letters:
+                ensure(
+                    letter.retry_batch_id is not None, f"letter {letter.id} unclaimed"
+                )
                 rejection = again.get(letter.line.line_id)
                 if rejection is None:
                     await conn.execute(
                         "UPDATE bridge_dead_letters SET status = 'resolved', "
-                        "resolved_at = now() WHERE id = $1 AND status = 'retrying'",
+                        "resolved_at = now() WHERE id = $1 AND status = 'retrying' "
+                        "AND retry_batch_id = $2",
                         letter.id,
+                        letter.retry_batch_id,
                         timeout=DATABASE_TIMEOUT_S,
                     )
                     continue
@@ -330,10 +361,11 @@ class BridgeStore:
                     "UPDATE bridge_dead_letters SET status = 'dead', "
                     "retry_batch_id = NULL, attempts = attempts + 1, reason = $2, "
                     "message = $3, last_failed_at = now() "
-                    "WHERE id = $1 AND status = 'retrying'",
+                    "WHERE id = $1 AND status = 'retrying' AND retry_batch_id = $4",
                     letter.id,
                     rejection.reason,
                     rejection.message,
+                    letter.retry_batch_id,
                     timeout=DATABASE_TIMEOUT_S,
                 )
 

@@ -77,7 +77,15 @@ class Throttled(ErpError):
 
 class Transient(ErpError):
     """5xx, a timeout, a broken connection or an answer that makes no sense: the batch
-    may or may not have been applied; resending the same batch is safe."""
+    may or may not have been applied; resending the same batch is safe.
+
+    `may_still_run` says no answer came at all (a timeout, a dropped connection): the
+    ERP may still be working on the request, so it still counts against the ERP's
+    concurrent requests for a while."""
+
+    def __init__(self, message: str, *, may_still_run: bool = False) -> None:
+        super().__init__(message)
+        self.may_still_run = may_still_run
 
 
 class BatchRefused(ErpError):

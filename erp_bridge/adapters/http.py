@@ -239,7 +239,8 @@ class HttpAdapter:
             # TimeoutError is an OSError, so the budget running out lands here too.
             raise Transient(
                 f"no answer from {self.endpoint} for batch {batch.batch_id}: "
-                f"{type(error).__name__} {error}".rstrip()
+                f"{type(error).__name__} {error}".rstrip(),
+                may_still_run=True,
             ) from error
 
         logger.debug(

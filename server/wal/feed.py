@@ -28,9 +28,14 @@ RECONCILE_KIND = "reconcile"
 # within the 128 characters an ERP is typically willing to store.
 NAME_PATTERN = re.compile(r"[a-z][a-z0-9_-]{0,23}")
 
+# A batch the ERP refused one line of goes again without it under `<id>.x<n>`, n the
+# lines taken out; it covers the same stretch.
+REDUCED_MARK = ".x"
+
 _BATCH_ID = re.compile(
     r"(?P<name>[a-z][a-z0-9_-]{0,23})\.s(?P<shard>\d{1,4})\."
     r"(?P<seq_a>\d{1,19})\.(?P<line_a>\d{1,6})-(?P<seq_b>\d{1,19})\.(?P<line_b>\d{1,6})"
+    r"(?:\.x\d{1,6})?"
 )
 
 

@@ -22,7 +22,7 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from erp_bridge.adapters import ErpLine, LineRejection
+from erp_bridge.adapters import ErpLine, Feed, LineRejection
 from erp_bridge.admin import (
     ERROR_DOMAIN,
     IDS_MAX,
@@ -145,11 +145,32 @@ async def connect(schema: str) -> asyncpg.Pool:
 
 
 async def refuse(
-    store: BridgeStore, *, name: str, shard: int, end_seq: int, skus: Sequence[str]
+    store: BridgeStore,
+    pool: asyncpg.Pool,
+    *,
+    name: str,
+    shard: int,
+    end_seq: int,
+    skus: Sequence[str],
 ) -> None:
-    """Acknowledge the shard's first batch, up to end_seq, with these lines refused."""
-    cursor = await store.load_cursor(shard, start_at_end=False)
+    """Plan and acknowledge the shard's first batch, up to end_seq, with these lines
+    refused, as the bridge does."""
+    async with pool.acquire() as conn:
+        await _refuse(store, conn, name=name, shard=shard, end_seq=end_seq, skus=skus)
+
+
+async def _refuse(
+    store: BridgeStore,
+    conn: asyncpg.Connection,
+    *,
+    name: str,
+    shard: int,
+    end_seq: int,
+    skus: Sequence[str],
+) -> None:
+    cursor = await store.load_cursor(conn, shard, start_at_end=False)
     end = StreamPosition(end_seq)
+    await store.plan(conn, shard=shard, acked=cursor.acked, end=end, feed=Feed.LEDGER)
     refused = [
         Refused(
             line=ErpLine(
@@ -171,6 +192,7 @@ async def refuse(
         for seq, sku in enumerate(skus, start=1)
     ]
     await store.acknowledge(
+        conn,
         shard=shard,
         start=cursor.acked,
         end=end,
@@ -206,10 +228,10 @@ async def statuses_of(pool: asyncpg.Pool, ids: Sequence[int]) -> list[str]:
 async def serve(pool: asyncpg.Pool, *, shard0_skus: int) -> AsyncIterator[Bridge]:
     store = BridgeStore(pool, name=NAME)
     skus = [f"sku-{i:04d}" for i in range(shard0_skus)]
-    await refuse(store, name=NAME, shard=0, end_seq=len(skus) + 5, skus=skus)
-    await refuse(store, name=NAME, shard=1, end_seq=4, skus=["sku-b1", "sku-b2"])
+    await refuse(store, pool, name=NAME, shard=0, end_seq=len(skus) + 5, skus=skus)
+    await refuse(store, pool, name=NAME, shard=1, end_seq=4, skus=["sku-b1", "sku-b2"])
     other = BridgeStore(pool, name=OTHER_NAME)
-    await refuse(other, name=OTHER_NAME, shard=0, end_seq=1, skus=["sku-w"])
+    await refuse(other, pool, name=OTHER_NAME, shard=0, end_seq=1, skus=["sku-w"])
 
     async def snapshot() -> BridgeStatus:
         return SNAPSHOT

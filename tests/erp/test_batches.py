@@ -125,15 +125,22 @@ def test_batch_ids_parse_back_to_what_they_cover() -> None:
     assert parse_batch_id("erp.s2.12.1-10.2") is None
 
 
-def test_without_line_drops_one_line_and_keeps_the_id() -> None:
-    records = [record(1, ("A", "L", 0, 1), ("B", "L", 0, 1))]
+def test_without_line_drops_one_line_under_an_id_of_its_own() -> None:
+    records = [record(1, ("A", "L", 0, 1), ("B", "L", 0, 1), ("C", "L", 0, 1))]
     stretch = take(records, StreamPosition(0), lines_max=10)
     assert stretch is not None
     batch = build(name="erp", shard=0, feed=Feed.LEDGER, stretch=stretch)
 
     smaller = without_line(batch, 0)
+    smallest = without_line(smaller, 1)
 
-    assert smaller.batch_id == batch.batch_id
-    assert [x.sku for x in smaller.lines] == ["B"]
+    assert (smaller.batch_id, smallest.batch_id) == (
+        "erp.s0.0.0-1.0.x1",
+        "erp.s0.0.0-1.0.x2",
+    )
+    assert [x.sku for x in smallest.lines] == ["B"]
+    coverage = parse_batch_id(smallest.batch_id)
+    assert coverage is not None
+    assert (coverage.start, coverage.end) == (StreamPosition(0), StreamPosition(1))
     with pytest.raises(Exception, match="line 5"):
         without_line(batch, 5)

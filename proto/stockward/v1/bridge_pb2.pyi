@@ -196,7 +196,9 @@ class GetBridgeStatusResponse(_message.Message):
     """Lines sent per second, after netting, over the same period."""
     @_builtins.property
     def streams(self) -> _containers.RepeatedCompositeFieldContainer[Global___BridgeStream]:
-        """One per stream this process reports on, owned or on standby; ordered by shard."""
+        """One per stream this process reports on, owned or on standby; ordered by shard.
+        Shard -1 is the stream that resends dead letters queued for a retry.
+        """
 
     @_builtins.property
     def counters(self) -> Global___BridgeCounters:
