@@ -13,7 +13,7 @@ from erp_bridge.config import from_args
 from erp_bridge.metrics import serve_metrics
 from server import logs
 
-log = logging.getLogger("erp_bridge")
+log = logging.getLogger(__name__)
 
 # SIGTERM: the admin server lets calls in progress finish within this long.
 ADMIN_GRACE_S = 2.0

@@ -8,6 +8,7 @@ ever holds more than the ERP allows (see erp_bridge/rate_limit.py).
 
 import argparse
 import dataclasses
+import json
 import os
 from collections.abc import Sequence
 
@@ -16,6 +17,11 @@ from server.config import DEFAULT_DATABASE_URL
 from server.wal.feed import NAME_PATTERN
 
 ADAPTERS = ("http", "file")
+# Any wait configured in seconds: an hour is already far past a sensible setting, and
+# the bound keeps a typo from making the bridge look hung.
+DURATION_MAX_S = 3_600.0
+# A dead-letter retry batch is claimed as one page of dead letters (store.py).
+LINES_PER_REQUEST_MAX = 1_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +93,10 @@ class BridgeConfig:
     def shard_list(self, shard_count: int) -> list[int]:
         if not self.shards:
             return list(range(shard_count))
-        chosen = sorted({int(part) for part in self.shards.split(",") if part})
+        try:
+            chosen = sorted({int(part) for part in self.shards.split(",") if part})
+        except ValueError as error:
+            raise SystemExit(f"--shards must list shard numbers: {error}") from error
         for shard in chosen:
             if not 0 <= shard < shard_count:
                 raise SystemExit(
@@ -143,6 +152,32 @@ def validate(config: BridgeConfig) -> None:
         < 1
     ):
         raise SystemExit("the ERP limits must all be at least 1")
+    for name in (
+        "poll_interval_s",
+        "batch_window_s",
+        "request_timeout_s",
+        "backoff_first_s",
+        "breaker_open_s",
+        "refused_retry_s",
+    ):
+        if not 0 < getattr(config, name) <= DURATION_MAX_S:
+            flag = "--" + name.replace("_", "-")
+            raise SystemExit(f"{flag} must be above 0 and at most {DURATION_MAX_S:g}")
+    if config.backoff_max_s < config.backoff_first_s:
+        raise SystemExit("--backoff-max-s may not be below --backoff-first-s")
+    if config.breaker_failures < 1:
+        raise SystemExit("--breaker-failures must be at least 1")
+    if config.lines_per_request > LINES_PER_REQUEST_MAX:
+        raise SystemExit(f"--lines-per-request may be at most {LINES_PER_REQUEST_MAX}")
+    if config.erp_field_mapping:
+        try:
+            mapping = json.loads(config.erp_field_mapping)
+        except ValueError as error:
+            raise SystemExit(f"--erp-field-mapping is not JSON: {error}") from error
+        if not isinstance(mapping, dict) or not all(
+            isinstance(v, str) for v in mapping.values()
+        ):
+            raise SystemExit("--erp-field-mapping must be a JSON object of names")
     if not 0 <= config.send_delay_allowance_ms <= 1_000:
         raise SystemExit("--send-delay-allowance-ms must be within 0..1000")
     if config.lines_per_request > config.lines_per_s:

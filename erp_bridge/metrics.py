@@ -29,6 +29,8 @@ _COUNTERS = (
     ("retries", "Attempts that failed with a 5xx, a timeout or garbage."),
     ("duplicates", "Batches the ERP already had (a resend after a crash or timeout)."),
     ("lines_dead_lettered", "Lines the ERP refused, kept as dead letters."),
+    ("lines_refused_invalid", "Lines the ERP refused as invalid (a 400 naming them)."),
+    ("batches_empty", "Batches whose lines all netted away: no request was needed."),
 )
 
 
@@ -59,10 +61,12 @@ class StatusCollector(Collector):
         ratio.add_metric([status.name], status.counters.netting_ratio)
         yield ratio
         dead = GaugeMetricFamily(
-            _PREFIX + "dead_letters", "Dead letters by status.", labels=["status"]
+            _PREFIX + "dead_letters",
+            "Dead letters by status.",
+            labels=["name", "status"],
         )
         for state, count in sorted(status.dead_letters.items()):
-            dead.add_metric([state], count)
+            dead.add_metric([status.name, state], count)
         yield dead
         breaker = GaugeMetricFamily(
             _PREFIX + "breaker_open",
@@ -74,9 +78,11 @@ class StatusCollector(Collector):
         )
         yield breaker
         divergences = GaugeMetricFamily(
-            _PREFIX + "divergences", "Positions where stockward and the ERP differ."
+            _PREFIX + "divergences",
+            "Positions where stockward and the ERP differ.",
+            labels=labels,
         )
-        divergences.add_metric([], status.divergences)
+        divergences.add_metric([status.name], status.divergences)
         yield divergences
         lag = GaugeMetricFamily(
             _PREFIX + "delivery_lag_seconds",

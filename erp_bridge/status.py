@@ -10,8 +10,8 @@ import dataclasses
 import enum
 import statistics
 
-# Delivery lags kept for the percentiles: the last few thousand batches, about a
-# minute of traffic at full rate, and 8 bytes each.
+# Delivery lags kept for the percentiles: the last few thousand batches, minutes of
+# traffic at an ERP's usual request rates, in well under a megabyte.
 LAG_SAMPLES_MAX = 4_096
 
 
