@@ -342,7 +342,7 @@ class Bridge:
 
     async def _own_and_feed(self, shard: int, status: StreamStatus) -> None:
         assert self._pool is not None
-        async with self._pool.acquire() as conn:
+        async with self._pool.acquire(timeout=DATABASE_TIMEOUT_S) as conn:
             if not await self.store.try_own(conn, shard):
                 status.state = StreamState.STANDBY
                 await self.clock.sleep(STANDBY_POLL_S)
@@ -402,6 +402,11 @@ class Bridge:
             # one more tell a full batch without decoding records it will not send.
             records_max = min(RECORDS_PER_READ_MAX, lines_max + 1)
             records = await reader.read(conn, position, records_max=records_max)
+            if reader.gap_after_seq is not None:
+                status.last_error = (
+                    f"record {reader.gap_after_seq + 1} of shard {reader.shard} is not "
+                    "visible while later ones are; waiting for it"
+                )
             stretch = take(records, position, lines_max=lines_max)
             if stretch is not None:
                 now_us = self.clock.now_us()
@@ -531,7 +536,7 @@ class Bridge:
         assert self._pool is not None
         while True:
             try:
-                async with self._pool.acquire() as conn:
+                async with self._pool.acquire(timeout=DATABASE_TIMEOUT_S) as conn:
                     if await self.store.try_own(conn, RETRY_STREAM_LOCK):
                         try:
                             while await self._retry_once(conn):

@@ -27,8 +27,9 @@ from server.wal.feed import FeedLine, StreamPosition, lines_of
 
 log = logging.getLogger(__name__)
 
-# Records fetched per query: enough for a full batch of the largest ERP requests even
-# when records carry one line each, few enough to decode in a few milliseconds.
+# Records fetched per query at most: a full batch of the largest request the config
+# allows (1,000 lines) and one more, even when records carry one line each; few
+# enough to decode in a few milliseconds.
 RECORDS_PER_READ_MAX = 2_000
 
 _READ = """

@@ -26,7 +26,8 @@ sequence the batch belongs to; absent and "" both mean none. Handling, in order:
    `retry_after_s`. Only the line count is read before this step.
 2. Latency: the request waits `latency_ms` on the simulator's clock, in progress.
 3. Validation: missing or mistyped fields, an unknown feed, no lines or more than
-   `lines_per_request`, a line id repeated within the batch -> 400 `INVALID_ARGUMENT`
+   `lines_per_request`, a line id repeated within the batch, a sku that does not
+   match the configured `sku_pattern` -> 400 `INVALID_ARGUMENT`
    with `field` (`batch_id`, `lines`, `lines[2].sku`, or `body` if not a JSON object).
 4. Fault dice, one seeded draw per valid request: with probability `error_rate`
    -> 503 `UNAVAILABLE`, nothing applied.

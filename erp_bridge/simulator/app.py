@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import random
+import re
 import time
 
 from aiohttp import web
@@ -27,6 +28,7 @@ from aiohttp.typedefs import Handler
 from erp_bridge.simulator.books import BatchResult, Books, Seen
 from erp_bridge.simulator.config import SimulatorConfig, is_loopback
 from erp_bridge.simulator.contract import (
+    Batch,
     InvalidInput,
     count_lines,
     parse_batch,
@@ -260,6 +262,7 @@ class ErpSimulator:
 
         try:
             batch = parse_batch(body, lines_per_request=self.config.lines_per_request)
+            self._check_item_numbers(batch)
         except InvalidInput as error:
             self.stats.invalid += 1
             return _invalid(error)
@@ -298,6 +301,16 @@ class ErpSimulator:
             )
             return _error(500, "INTERNAL", "the ERP failed while answering")
         return _applied(result)
+
+    def _check_item_numbers(self, batch: Batch) -> None:
+        pattern = self.config.sku_pattern
+        if not pattern:
+            return
+        for index, line in enumerate(batch.lines):
+            if re.fullmatch(pattern, line.sku) is None:
+                raise InvalidInput(
+                    f"lines[{index}].sku", f"is not an item number ({pattern})"
+                )
 
     async def _get_ledger(self, request: web.Request) -> web.Response:
         # No await before the snapshot is built: that is what makes it atomic.

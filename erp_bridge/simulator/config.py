@@ -3,6 +3,7 @@
 import argparse
 import dataclasses
 import ipaddress
+import re
 
 # A fault rate is a probability; the two rates share one draw, so together they too
 # must stay a probability.
@@ -55,6 +56,10 @@ class SimulatorConfig:
     faults: Faults = Faults()
     # Seed of the fault dice, so that a failing run can be replayed.
     seed: int = 1
+    # The item numbers this ERP can store, as a regular expression a sku must match in
+    # full; a batch with any other is refused whole (400 naming the line), as ERPs
+    # with a fixed item-number format do. Empty: any sku.
+    sku_pattern: str = ""
 
     def __post_init__(self) -> None:
         if not is_loopback(self.host):
@@ -73,6 +78,12 @@ class SimulatorConfig:
         # the bridge would retry it forever.
         if self.lines_per_request > self.lines_per_s:
             raise ValueError("lines_per_request must not exceed lines_per_s")
+        try:
+            re.compile(self.sku_pattern)
+        except re.error as error:
+            raise ValueError(
+                f"sku_pattern is not a regular expression: {error}"
+            ) from error
 
 
 def is_loopback(host: str) -> bool:

@@ -275,3 +275,43 @@ async def test_file_drop_batches_add_up_to_stockwards_positions(
             at[1] += line["held_delta"]
     dropped = {at: (v[0], v[1]) for at, v in totals.items() if v != [0, 0]}
     assert dropped == stockward_positions(server)
+
+
+async def test_a_line_the_erp_refuses_as_invalid_is_dead_lettered_and_the_rest_booked(
+    server: Running, start_bridge: BridgeFactory, schema: str
+) -> None:
+    erp = ErpSimulator(
+        SimulatorConfig(
+            requests_per_s=200,
+            lines_per_s=20_000,
+            sku_pattern="[A-Z0-9-]+",
+            faults=Faults(latency_ms=1),
+        )
+    )
+    await erp.start()
+    try:
+        skus = ["GOOD-1", "GOOD-2", "bad-1"]
+        await stock(server, skus, 20)
+        failures: list[BaseException] = []
+        bridge = Bridge(
+            bridge_config(schema, erp, feed="ledger", lines_per_request=6),
+            on_fatal=failures.append,
+        )
+        await bridge.start()
+        try:
+            await traffic(server, seeded(), skus, 60)
+            await wait_caught_up(schema)
+            dead = await bridge.store.list_dead_letters(
+                statuses=[DeadLetterStatus.DEAD], after_id=0, limit=1_000
+            )
+        finally:
+            await bridge.stop()
+    finally:
+        await erp.stop()
+
+    assert dead and {d.line.sku for d in dead} == {"bad-1"}
+    assert {d.reason for d in dead} == {"INVALID_LINE"}
+    good = {at: v for at, v in stockward_positions(server).items() if at[0] != "bad-1"}
+    assert erp_positions(erp) == good
+    assert erp.stats.invalid >= len(dead)
+    assert not failures, failures
