@@ -22,6 +22,7 @@ import uvloop
 
 from benchmarks import bridge as bridge_bench
 from benchmarks import scenarios
+from benchmarks.bridge_rig import BridgeBench
 from benchmarks.load import LoadFigures, LoadResult, Progress
 from benchmarks.pg_ceiling import measure_insert_ceiling
 from benchmarks.report import (
@@ -380,7 +381,7 @@ async def _bridge(
             [],
             ["Redis was not available: the ERP bridge (which needs it) is left out."],
         )
-    bench = bridge_bench.BridgeBench(
+    bench = BridgeBench(
         sizes=bridge_bench.sizes_for(mode),
         database_url=args.database_url,
         redis_url=redis_handle.url,

@@ -21,7 +21,7 @@ def test_smoke_run_reports_every_scenario_and_cleans_up(
     tmp_path: pathlib.Path,
 ) -> None:
     env = {**os.environ, "GRPC_VERBOSITY": "ERROR"}
-    finished = subprocess.run(
+    with subprocess.Popen(
         [
             sys.executable,
             "-m",
@@ -34,12 +34,12 @@ def test_smoke_run_reports_every_scenario_and_cleans_up(
             DATABASE_URL,
         ],
         env=env,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=RUN_TIMEOUT_S,
-        check=False,
-    )
-    assert finished.returncode == 0, finished.stderr[-3000:]
+    ) as runner:
+        stdout, stderr = runner.communicate(timeout=RUN_TIMEOUT_S)
+    assert runner.returncode == 0, stderr[-3000:]
 
     results = json.loads((tmp_path / "results.json").read_text())
     names = [scenario["name"] for scenario in results["scenarios"]]
@@ -64,12 +64,15 @@ def test_smoke_run_reports_every_scenario_and_cleans_up(
     report = (tmp_path / "report.md").read_text()
     for target in results["targets"]:
         assert target["name"] in report
-    assert "report:" in finished.stdout
+    assert "report:" in stdout
 
-    assert asyncio.run(_bench_schemas()) == []
+    # Only this run's schemas, tagged with its pid: other benchmark runs on the same
+    # database may hold theirs for now.
+    assert asyncio.run(_bench_schemas(runner.pid)) == []
 
 
-async def _bench_schemas() -> list[str]:
+async def _bench_schemas(pid: int) -> list[str]:
+    """Schemas left by the runner with this pid (`bench_<kind>_<pid>[_<tag>]`)."""
     connection = await asyncpg.connect(DATABASE_URL)
     try:
         rows = await connection.fetch(
@@ -77,4 +80,5 @@ async def _bench_schemas() -> list[str]:
         )
     finally:
         await connection.close()
-    return [row["nspname"] for row in rows]
+    names = [row["nspname"] for row in rows]
+    return [name for name in names if name.split("_")[2:3] == [str(pid)]]
