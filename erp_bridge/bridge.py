@@ -538,10 +538,12 @@ class Bridge:
             try:
                 async with self._pool.acquire(timeout=DATABASE_TIMEOUT_S) as conn:
                     if await self.store.try_own(conn, RETRY_STREAM_LOCK):
+                        self.retry_status.state = StreamState.IDLE
                         try:
                             while await self._retry_once(conn):
                                 pass
                         finally:
+                            self.retry_status.state = StreamState.STANDBY
                             with contextlib.suppress(*RESTARTABLE_ERRORS):
                                 await conn.execute("SELECT pg_advisory_unlock_all()")
             except RESTARTABLE_ERRORS as error:
@@ -573,6 +575,7 @@ class Bridge:
         rejected = await self._deliver_retry(batch)
 
         await self.store.settle_retry_batch(conn, letters, rejected)
+        self.retry_status.state = StreamState.IDLE
         log.info(
             "dead letters retried: batch_id=%s lines=%d refused_again=%d",
             retry_id,
