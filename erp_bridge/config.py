@@ -6,14 +6,13 @@ concurrent); the bridge derives its GCRA limits from them so that no sliding sec
 ever holds more than the ERP allows (see erp_bridge/rate_limit.py).
 """
 
-import argparse
 import dataclasses
 import json
-import os
 from collections.abc import Sequence
 
 from erp_bridge.adapters import Feed
 from server.config import DEFAULT_DATABASE_URL
+from server.flags import parse_settings
 from server.wal.feed import NAME_PATTERN
 
 ADAPTERS = ("http", "file")
@@ -105,28 +104,18 @@ class BridgeConfig:
         return chosen
 
 
-def _env(name: str, default: str) -> str:
-    return os.environ.get("STOCKWARD_BRIDGE_" + name.upper(), default)
+def env_name(field: str) -> str:
+    return "STOCKWARD_BRIDGE_" + field.upper()
 
 
 def from_args(argv: Sequence[str] | None = None) -> BridgeConfig:
-    defaults = BridgeConfig()
-    parser = argparse.ArgumentParser(
+    config = parse_settings(
+        BridgeConfig,
+        argv,
         prog="stockward-erp-bridge",
         description="feed stockward's commitments to the ERP in rate-limited batches",
+        env_name=env_name,
     )
-    for field in dataclasses.fields(BridgeConfig):
-        flag = "--" + field.name.replace("_", "-")
-        default = getattr(defaults, field.name)
-        kind = type(default)
-        parser.add_argument(
-            flag, type=kind, default=kind(_env(field.name, str(default)))
-        )
-    namespace = parser.parse_args(argv)
-    values = {
-        f.name: getattr(namespace, f.name) for f in dataclasses.fields(BridgeConfig)
-    }
-    config = BridgeConfig(**values)
     validate(config)
     return config
 

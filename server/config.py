@@ -1,10 +1,10 @@
 """Server configuration: one frozen dataclass, read from flags and environment in one
 place. Flags win over STOCKWARD_* environment variables, which win over defaults."""
 
-import argparse
 import dataclasses
-import os
 from collections.abc import Sequence
+
+from server.flags import parse_settings
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -70,33 +70,18 @@ class Config:
     unsafe_allow_lossy_postgres: bool = False
 
 
-def _env(name: str, default: str) -> str:
-    return os.environ.get("STOCKWARD_" + name.upper(), default)
+def env_name(field: str) -> str:
+    return "STOCKWARD_" + field.upper()
 
 
 def from_args(argv: Sequence[str] | None = None) -> Config:
-    defaults = Config()
-    parser = argparse.ArgumentParser(
-        prog="stockward-server", description="stockward reservation server"
+    config = parse_settings(
+        Config,
+        argv,
+        prog="stockward-server",
+        description="stockward reservation server",
+        env_name=env_name,
     )
-    for field in dataclasses.fields(Config):
-        flag = "--" + field.name.replace("_", "-")
-        default = getattr(defaults, field.name)
-        if isinstance(default, bool):
-            env_value = _env(field.name, "1" if default else "0")
-            parser.add_argument(
-                flag,
-                action=argparse.BooleanOptionalAction,
-                default=env_value.lower() in {"1", "true", "yes", "on"},
-            )
-            continue
-        kind = type(default)
-        parser.add_argument(
-            flag, type=kind, default=kind(_env(field.name, str(default)))
-        )
-    namespace = parser.parse_args(argv)
-    values = {f.name: getattr(namespace, f.name) for f in dataclasses.fields(Config)}
-    config = Config(**values)
     validate(config)
     return config
 

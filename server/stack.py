@@ -31,7 +31,6 @@ that the launcher can stop them in order.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import dataclasses
@@ -42,7 +41,7 @@ import signal
 import sys
 import time
 import urllib.parse
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from pathlib import Path
 from typing import IO
 
@@ -50,6 +49,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from server import devenv, logs
+from server.flags import parse_settings
 
 logger = logging.getLogger(__name__)
 
@@ -137,25 +137,14 @@ def env_name(field: str) -> str:
 
 
 def load_config(argv: Sequence[str] | None, environ: Mapping[str, str]) -> StackConfig:
-    defaults = StackConfig()
-    parser = argparse.ArgumentParser(
+    config = parse_settings(
+        StackConfig,
+        argv,
         prog="python -m server.stack",
         description="Run the stockward demo: Redis, ERP simulator, server, ERP bridge.",
+        env_name=env_name,
+        environ=environ,
     )
-    for field in dataclasses.fields(StackConfig):
-        default = getattr(defaults, field.name)
-        kind: Callable[[str], object] = (
-            Path if isinstance(default, Path) else type(default)
-        )
-        parser.add_argument(
-            "--" + field.name.replace("_", "-"),
-            type=kind,
-            default=kind(environ.get(env_name(field.name)) or default),
-            help=f"default: ${env_name(field.name)}, else {default}",
-        )
-    args = parser.parse_args(argv)
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(StackConfig)}
-    config = StackConfig(**values)
     validate(config)
     return config
 
