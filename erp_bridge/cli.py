@@ -26,7 +26,11 @@ from google.protobuf.message import Message
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from server import logs
 from stockward.v1 import bridge_pb2, bridge_pb2_grpc
+
+# What the command prints, through a logger that writes it bare to the terminal.
+say = logs.console(__name__)
 
 TARGET_ENV = "STOCKWARD_BRIDGE_ADMIN"
 # BridgeConfig.admin_listen's default, so a bridge started plainly is found plainly.
@@ -151,13 +155,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             stub = bridge_pb2_grpc.BridgeAdminServiceStub(channel)
             result = run(stub, args, deadline)
     except grpc.RpcError as error:
-        print(describe_error(error), file=sys.stderr)
+        say.error("%s", describe_error(error))
         return EXIT_RPC_FAILED
 
     if args.json:
-        print(json.dumps(result, indent=2))
+        say.info("%s", json.dumps(result, indent=2))
     else:
-        print(render(args, result))
+        say.info("%s", render(args, result))
     return EXIT_OK
 
 

@@ -7,6 +7,7 @@ the many RPCs that log nothing pay for no formatting.
 
 import contextvars
 import logging
+import sys
 
 request_context: contextvars.ContextVar[tuple[str, object] | None] = (
     contextvars.ContextVar("request_context", default=None)
@@ -47,3 +48,22 @@ def configure(level: int = logging.INFO) -> None:
         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s%(context)s")
     )
     logging.basicConfig(level=level, handlers=[handler])
+
+
+def console(name: str) -> logging.Logger:
+    """A logger for what a command-line tool says to the person at the terminal:
+    info goes bare to stdout (tables, JSON, a banner), warnings and errors bare to
+    stderr, and nothing reaches the process's other handlers."""
+    logger = logging.getLogger(name)
+    if logger.handlers:
+        return logger
+    out = logging.StreamHandler(sys.stdout)
+    out.addFilter(lambda record: record.levelno < logging.WARNING)
+    err = logging.StreamHandler(sys.stderr)
+    err.setLevel(logging.WARNING)
+    for handler in (out, err):
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    return logger

@@ -52,6 +52,7 @@ from server import devenv, logs
 from server.flags import parse_settings
 
 logger = logging.getLogger(__name__)
+banner = logs.console(__name__ + ".banner")
 
 ENV_PREFIX = "STOCKWARD_STACK_"
 DATA_DIR = devenv.REPO_ROOT / ".data"
@@ -504,7 +505,7 @@ class Stack:
         ]
         logger.info("stack ready: schema=%s", config.database_schema)
         # The banner is for the person at the terminal, so it goes out unadorned.
-        print("\n".join(lines), flush=True)
+        banner.info("%s", "\n".join(lines))
 
 
 async def wait_serving(address: str, child: Child) -> None:
