@@ -9,8 +9,7 @@ import math
 import os
 import random
 import secrets
-import uuid
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import pytest
 import redis.asyncio as redis_asyncio
@@ -27,11 +26,8 @@ from erp_bridge.rate_limit import (
     limit_for_window,
 )
 from server.clock import US_PER_S, FakeClock
+from tests.erp.redis_support import REDIS_HOST, advance_us, new_client
 
-REDIS_HOST = "127.0.0.1"
-REDIS_PORT = 6379
-# Generous for loopback; a stalled Redis fails the test instead of hanging the run.
-REDIS_TIMEOUT_S = 5.0
 # How long a test waits for a background task to reach its sleep on the fake clock: a
 # couple of loopback round trips, so a second means something is wrong.
 SLEEP_REACHED_TIMEOUT_S = 1.0
@@ -51,36 +47,6 @@ class SignallingClock(FakeClock):
         await super().sleep(duration_s)
 
 
-def new_client() -> redis_asyncio.Redis:
-    return redis_asyncio.Redis(
-        host=REDIS_HOST,
-        port=REDIS_PORT,
-        socket_timeout=REDIS_TIMEOUT_S,
-        socket_connect_timeout=REDIS_TIMEOUT_S,
-    )
-
-
-@pytest.fixture
-async def key_prefix() -> AsyncIterator[str]:
-    prefix = f"test-rate-limit-{uuid.uuid4().hex}"
-    yield prefix
-
-    client = new_client()
-    try:
-        keys = [key async for key in client.scan_iter(match=f"{{{prefix}}}:*")]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
-
-
-@pytest.fixture
-async def client() -> AsyncIterator[redis_asyncio.Redis]:
-    client = new_client()
-    yield client
-    await client.aclose()
-
-
 @pytest.fixture
 def clock() -> SignallingClock:
     return SignallingClock()
@@ -94,16 +60,6 @@ def make_limiter(
         return SharedLimiter(client, key_prefix=key_prefix, limits=limits, clock=clock)
 
     return make
-
-
-def advance_us(clock: FakeClock, duration_us: int) -> None:
-    """Advance by exactly `duration_us`, whatever float rounding FakeClock applies."""
-    target_us = clock.now_us() + duration_us
-    seconds = duration_us / US_PER_S
-    while int(seconds * US_PER_S) < duration_us:
-        seconds = math.nextafter(seconds, math.inf)
-    clock.advance(seconds)
-    assert clock.now_us() == target_us
 
 
 def window_peaks(admissions: Sequence[Admission]) -> dict[str, int]:

@@ -16,9 +16,7 @@ from erp_bridge.sender import LINES, REQUESTS, Sender
 from erp_bridge.slots import SharedSlots
 from erp_bridge.status import BreakerState, Counters, StreamStatus
 from server.clock import SystemClock
-from tests.erp.test_rate_limit import key_prefix, new_client
-
-__all__ = ["key_prefix"]
+from tests.erp.redis_support import new_client
 
 # Far more than the scripted answers take (one Retry-After of 1 s).
 DELIVERY_TIMEOUT_S = 10.0

@@ -9,8 +9,7 @@ import itertools
 import os
 import random
 import secrets
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import pytest
 import redis.asyncio as redis_asyncio
@@ -27,7 +26,7 @@ from erp_bridge.slots import (
     SlotTimeout,
 )
 from server.clock import US_PER_S, FakeClock
-from tests.erp.test_rate_limit import REDIS_HOST, advance_us, new_client
+from tests.erp.redis_support import REDIS_HOST, advance_us, new_client
 
 # How long the driver waits for the tasks to go back to sleep on the fake clock: a few
 # loopback round trips each, so five seconds means something is stuck.
@@ -95,27 +94,6 @@ async def drive(
 
     await asyncio.gather(*tasks)
     return steps
-
-
-@pytest.fixture
-async def key_prefix() -> AsyncIterator[str]:
-    prefix = f"test-slots-{uuid.uuid4().hex}"
-    yield prefix
-
-    client = new_client()
-    try:
-        keys = [key async for key in client.scan_iter(match=f"{{{prefix}}}:*")]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
-
-
-@pytest.fixture
-async def client() -> AsyncIterator[redis_asyncio.Redis]:
-    client = new_client()
-    yield client
-    await client.aclose()
 
 
 @pytest.fixture
