@@ -35,7 +35,7 @@ from benchmarks.report import (
 )
 from benchmarks.report import System as SystemInfo
 from benchmarks.scenarios import FULL, QUICK, SMOKE, Bench, Sizes
-from benchmarks.services import RedisHandle, ensure_redis
+from benchmarks.services import RedisHandle, add_run_arguments, ensure_redis
 from benchmarks.systems import (
     System,
     make_naive_pg,
@@ -45,12 +45,10 @@ from benchmarks.systems import (
     stock,
 )
 from clients import Batching
-from server.config import DEFAULT_DATABASE_URL
 
 log = logging.getLogger(__name__)
 
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
-REDIS_URL_DEFAULT = "redis://127.0.0.1:6379/0"
 # Flash-sale and auto-batching figures use this window: 2 ms adds little latency
 # and fills batches of hundreds under load.
 WINDOW_S = 0.002
@@ -461,17 +459,8 @@ def _standing_notes(sizes: Sizes) -> list[str]:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks")
-    parser.add_argument("--quick", action="store_true", help="a run under 2 minutes")
-    parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=pathlib.Path, default=RESULTS_DIR)
-    parser.add_argument(
-        "--database-url",
-        default=os.environ.get("STOCKWARD_DATABASE_URL", DEFAULT_DATABASE_URL),
-    )
-    parser.add_argument(
-        "--redis-url", default=os.environ.get("STOCKWARD_REDIS_URL", REDIS_URL_DEFAULT)
-    )
-    parser.add_argument("--shards", type=int, default=4)
+    add_run_arguments(parser, quick_help="a run under 2 minutes")
+    parser.set_defaults(out=RESULTS_DIR)
     parser.add_argument("--no-progress", action="store_true")
     return parser.parse_args(argv)
 

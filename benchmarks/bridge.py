@@ -12,7 +12,6 @@ to it: the share of the ERP's request limit used, and its limits never crossed.
 import argparse
 import dataclasses
 import logging
-import os
 import pathlib
 import sys
 import time
@@ -32,11 +31,9 @@ from benchmarks.bridge_rig import (
 from benchmarks.bridge_scenarios import LEDGER_POLL_S, backlog, lag, netting
 from benchmarks.load import Progress
 from benchmarks.report import Scenario, Target, collect_metadata, write_report
-from benchmarks.services import ensure_redis
-from server.config import DEFAULT_DATABASE_URL
+from benchmarks.services import add_run_arguments, ensure_redis
 
 RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results" / "bridge"
-REDIS_URL_DEFAULT = "redis://127.0.0.1:6379/0"
 
 
 @dataclasses.dataclass
@@ -178,17 +175,8 @@ async def main_async(args: argparse.Namespace) -> int:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bridge")
-    parser.add_argument("--quick", action="store_true", help="a run under a minute")
-    parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--out", type=pathlib.Path, default=RESULTS_DIR)
-    parser.add_argument(
-        "--database-url",
-        default=os.environ.get("STOCKWARD_DATABASE_URL", DEFAULT_DATABASE_URL),
-    )
-    parser.add_argument(
-        "--redis-url", default=os.environ.get("STOCKWARD_REDIS_URL", REDIS_URL_DEFAULT)
-    )
-    parser.add_argument("--shards", type=int, default=4)
+    add_run_arguments(parser, quick_help="a run under a minute")
+    parser.set_defaults(out=RESULTS_DIR)
     return parser.parse_args(argv)
 
 

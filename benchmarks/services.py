@@ -7,6 +7,7 @@ otherwise a private redis-server is started on a free port for the run, if one i
 installed, and the baseline is left out (and the report says so) if none is.
 """
 
+import argparse
 import asyncio
 import contextlib
 import dataclasses
@@ -211,3 +212,20 @@ async def ensure_redis(url: str, data_dir: pathlib.Path) -> RedisHandle | None:
 
 def cpu_count() -> int:
     return os.cpu_count() or 1
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, *, quick_help: str) -> None:
+    """The options every benchmark runner takes: size, output folder, where Postgres
+    and Redis are (the same variables as the service), and the server's shards."""
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--smoke", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=pathlib.Path)
+    parser.add_argument(
+        "--database-url",
+        default=os.environ.get(devenv.DATABASE_URL_ENV, devenv.DEFAULT_DATABASE_URL),
+    )
+    parser.add_argument(
+        "--redis-url",
+        default=os.environ.get(devenv.REDIS_URL_ENV, devenv.DEFAULT_REDIS_URL),
+    )
+    parser.add_argument("--shards", type=int, default=4)

@@ -13,13 +13,13 @@ import sys
 import asyncpg
 import redis.asyncio as redis
 
-from benchmarks.bridge import REDIS_URL_DEFAULT
 from benchmarks.report import ExpectedFigure
+from server.devenv import DEFAULT_REDIS_URL, REDIS_URL_ENV
 from tests.conftest import DATABASE_URL
 
 # The smoke run takes about 15 s here; a hung service must not hang the suite.
 RUN_TIMEOUT_S = 120
-REDIS_URL = os.environ.get("STOCKWARD_REDIS_URL", REDIS_URL_DEFAULT)
+REDIS_URL = os.environ.get(REDIS_URL_ENV, DEFAULT_REDIS_URL)
 
 
 def test_smoke_run_reports_every_figure_against_its_estimate_and_cleans_up(
