@@ -135,7 +135,7 @@ async def test_two_bridge_processes_share_one_quota(
     finally:
         for process in (first, second):
             if process.is_running:
-                await process.kill()
+                await process.close()
         await erp.stop()
 
     assert erp.stats.throttled == 0

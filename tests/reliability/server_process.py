@@ -71,31 +71,13 @@ def _first_ephemeral_port() -> int:
     return int(text.split()[0])
 
 
-class ServerProcess:
-    """One server address; each start() runs a new child on the same schema and port."""
+class ChildProcess:
+    """`python <args>` run again and again as a child, its output appended to one log
+    file with a marker per start."""
 
-    def __init__(
-        self,
-        *,
-        database_url: str,
-        schema: str,
-        port: int,
-        log_path: pathlib.Path,
-        extra_args: tuple[str, ...] = (),
-    ) -> None:
-        self.address = f"127.0.0.1:{port}"
+    def __init__(self, args: tuple[str, ...], *, log_path: pathlib.Path) -> None:
         self.starts = 0
-        self._args = (
-            "-m",
-            "server",
-            "--listen",
-            self.address,
-            "--database-url",
-            database_url,
-            "--database-schema",
-            schema,
-            *extra_args,
-        )
+        self._args = args
         self._log_path = log_path
         self._child: asyncio.subprocess.Process | None = None
 
@@ -119,6 +101,69 @@ class ServerProcess:
                 env=os.environ.copy(),
             )
         self.starts += 1
+
+    @property
+    def is_running(self) -> bool:
+        return self._child is not None and self._child.returncode is None
+
+    def kill(self) -> None:
+        """SIGKILL: no drain, no checkpoint, whatever was in flight is cut off."""
+        self._signal(signal.SIGKILL)
+
+    def terminate(self) -> None:
+        """SIGTERM: the graceful shutdown path."""
+        self._signal(signal.SIGTERM)
+
+    def _signal(self, signum: signal.Signals) -> None:
+        assert self._child is not None and self._child.returncode is None
+        os.kill(self._child.pid, signum)
+
+    async def wait_exit(self, *, timeout_s: float = EXIT_WAIT_S) -> int:
+        assert self._child is not None, "start() first"
+        async with asyncio.timeout(timeout_s):
+            return await self._child.wait()
+
+    async def close(self) -> None:
+        """Kill the child if it still runs, and wait for it."""
+        if self.is_running:
+            self.kill()
+            await self.wait_exit()
+
+    def log_text(self) -> str:
+        try:
+            return self._log_path.read_text(errors="replace")
+        except OSError as error:
+            return f"<no log: {error}>"
+
+    def log_tail(self) -> str:
+        return self.log_text()[-LOG_TAIL_CHARS:]
+
+
+class ServerProcess(ChildProcess):
+    """One server address; each start() runs a new child on the same schema and port."""
+
+    def __init__(
+        self,
+        *,
+        database_url: str,
+        schema: str,
+        port: int,
+        log_path: pathlib.Path,
+        extra_args: tuple[str, ...] = (),
+    ) -> None:
+        self.address = f"127.0.0.1:{port}"
+        args = (
+            "-m",
+            "server",
+            "--listen",
+            self.address,
+            "--database-url",
+            database_url,
+            "--database-schema",
+            schema,
+            *extra_args,
+        )
+        super().__init__(args, log_path=log_path)
 
     async def wait_serving(self, *, timeout_s: float = SERVING_WAIT_S) -> None:
         """Until health says SERVING; fails early, with the log, if the child exits."""
@@ -161,34 +206,3 @@ class ServerProcess:
                 except grpc.aio.AioRpcError as error:
                     if error.code() != grpc.StatusCode.UNAVAILABLE:
                         raise
-
-    @property
-    def is_running(self) -> bool:
-        return self._child is not None and self._child.returncode is None
-
-    def kill(self) -> None:
-        """SIGKILL: no drain, no checkpoint, whatever was in flight is cut off."""
-        self._signal(signal.SIGKILL)
-
-    def terminate(self) -> None:
-        """SIGTERM: the graceful shutdown path."""
-        self._signal(signal.SIGTERM)
-
-    def _signal(self, signum: signal.Signals) -> None:
-        assert self._child is not None and self._child.returncode is None
-        os.kill(self._child.pid, signum)
-
-    async def wait_exit(self, *, timeout_s: float = EXIT_WAIT_S) -> int:
-        assert self._child is not None, "start() first"
-        async with asyncio.timeout(timeout_s):
-            return await self._child.wait()
-
-    async def close(self) -> None:
-        """Kill the child if it still runs; for test teardown."""
-        if self.is_running:
-            self.kill()
-            await self.wait_exit()
-
-    def log_tail(self) -> str:
-        text = self._log_path.read_text(errors="replace")
-        return text[-LOG_TAIL_CHARS:]

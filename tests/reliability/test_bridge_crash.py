@@ -58,7 +58,7 @@ async def test_sigkilled_bridge_neither_loses_nor_repeats_a_line(
         for _ in range(KILLS):
             await bridge.start()
             await asyncio.sleep(rng.uniform(0.3, LIFETIME_MAX_S))
-            await bridge.kill()
+            await bridge.close()
         await load
         await bridge.start()
         await bridge.wait_started()
@@ -72,5 +72,5 @@ async def test_sigkilled_bridge_neither_loses_nor_repeats_a_line(
         assert await bridge.stop() == 0, bridge.log_tail()
     finally:
         if bridge.is_running:
-            await bridge.kill()
+            await bridge.close()
         await erp.stop()
