@@ -89,8 +89,10 @@ class Transient(ErpError):
 
 
 class BatchRefused(ErpError):
-    """The ERP refused the batch as invalid (4xx other than 429 and 409). When it named
-    one line (`lines[3].sku`), `line_index` says which; resending as is cannot help."""
+    """The ERP refused the batch itself: invalid (400, 413, 422) or not allowed (401,
+    403). When it named one line (`lines[3].sku`), `line_index` says which; resending
+    as is cannot help. Statuses that point at the endpoint rather than the batch (404,
+    a proxy's 502) are Transient instead."""
 
     def __init__(self, message: str, *, line_index: int | None) -> None:
         super().__init__(message)
